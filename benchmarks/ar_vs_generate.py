@@ -1,0 +1,78 @@
+"""Our `ar` greedy loop against transformers' `model.generate` greedy: same prompts, same
+process, interleaved prompt by prompt after a warm-up. Prints tokens/s of both and the ratio.
+
+    python benchmarks/ar_vs_generate.py --model qwen2.5-coder-0.5b --dtype bf16 --n 8
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+
+import clp
+from clp.prompts import encode_prompt
+
+PROMPTS = [
+    "Write a Python function that checks whether a number is prime.",
+    "Explain the difference between a list and a tuple in Python.",
+    "What does the HTTP status code 404 mean?",
+    "Write a SQL query that counts orders per customer.",
+    "How do I reverse a linked list in C?",
+    "Give three tips for writing readable code.",
+    "What is a closure in JavaScript?",
+    "Write a bash one-liner that counts lines in all .py files.",
+]
+
+
+def hf_generate(backbone, ids: list[int], max_new_tokens: int) -> tuple[int, float]:
+    start = time.perf_counter()
+    with torch.inference_mode():
+        out = backbone.model.generate(
+            torch.tensor([ids]), do_sample=False, max_new_tokens=max_new_tokens,
+            eos_token_id=sorted(backbone.eos_token_ids),
+            pad_token_id=backbone.tokenizer.pad_token_id or 0,
+        )
+    return out.shape[1] - len(ids), time.perf_counter() - start
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default=clp.DEFAULT_MODEL)
+    ap.add_argument("--dtype", default="bf16")
+    ap.add_argument("--n", type=int, default=8, help=f"prompts (at most {len(PROMPTS)})")
+    ap.add_argument("--max-new-tokens", type=int, default=64)
+    ap.add_argument("--rounds", type=int, default=2)
+    args = ap.parse_args()
+
+    model = clp.load(args.model, args.dtype)
+    prompts = [encode_prompt(model.tokenizer, p) for p in PROMPTS[: args.n]]
+    model.generate(prompts[0], max_new_tokens=8)  # warm-up both paths
+    hf_generate(model.backbone, prompts[0], 8)
+
+    totals = {"clp_ar": [0, 0.0], "hf_generate": [0, 0.0]}
+    for _ in range(args.rounds):
+        for ids in prompts:
+            r = model.generate(ids, max_new_tokens=args.max_new_tokens)
+            totals["clp_ar"][0] += r.stats.new_tokens
+            totals["clp_ar"][1] += r.stats.seconds
+            n, sec = hf_generate(model.backbone, ids, args.max_new_tokens)
+            totals["hf_generate"][0] += n
+            totals["hf_generate"][1] += sec
+    tps = {k: n / s for k, (n, s) in totals.items()}
+    result = {
+        "model": args.model, "dtype": args.dtype, "prompts": len(prompts),
+        "max_new_tokens": args.max_new_tokens, "rounds": args.rounds,
+        "tokens_per_second": {k: round(v, 2) for k, v in tps.items()},
+        "ratio_clp_over_generate": round(tps["clp_ar"] / tps["hf_generate"], 3),
+    }
+    print(f"clp ar      : {tps['clp_ar']:.2f} tok/s")
+    print(f"hf generate : {tps['hf_generate']:.2f} tok/s")
+    print(f"ratio       : {result['ratio_clp_over_generate']:.3f}")
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()

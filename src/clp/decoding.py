@@ -1,0 +1,275 @@
+"""The one decode loop. Every mode of SPEC section 2 is a policy plugged into it.
+
+Each step feeds the runtime ``[token the backbone chose] + drafts``. A policy that does not
+verify has already committed its drafts (they are part of the text); a verifying policy's
+drafts are checked here against the backbone's own choice at each position, the longest
+agreeing prefix is kept, and the rejected tail is dropped from the cache. Either way the
+backbone then picks the next token itself (Backbone-as-Architect) and the policy proposes
+drafts after it.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from clp.errors import ClpError
+from clp.runtime import Runtime
+
+
+@dataclass
+class SamplingConfig:
+    """How the backbone's own token is chosen: greedy when temperature is 0."""
+
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int | None = None
+
+    def validate(self) -> None:
+        if self.temperature < 0:
+            raise ClpError(f"temperature must be >= 0, got {self.temperature}")
+        if self.top_k < 0:
+            raise ClpError(f"top_k must be >= 0, got {self.top_k}")
+        if not 0 < self.top_p <= 1:
+            raise ClpError(f"top_p must be in (0, 1], got {self.top_p}")
+
+
+class Sampler:
+    def __init__(self, config: SamplingConfig):
+        config.validate()
+        self.config = config
+        self.generator = torch.Generator()
+        self.generator.manual_seed(config.seed if config.seed is not None else 0)
+
+    def __call__(self, logits: torch.Tensor) -> int:
+        """One token from one row of logits."""
+        c = self.config
+        if c.temperature == 0:
+            return int(torch.argmax(logits))
+        logits = logits / c.temperature
+        if c.top_k:
+            kth = torch.topk(logits, min(c.top_k, logits.numel())).values[-1]
+            logits = logits.masked_fill(logits < kth, float("-inf"))
+        probs = torch.softmax(logits, dim=-1)
+        if c.top_p < 1:
+            sorted_probs, order = torch.sort(probs, descending=True)
+            outside = torch.cumsum(sorted_probs, 0) - sorted_probs > c.top_p
+            probs = probs.scatter(0, order, sorted_probs.masked_fill(outside, 0.0))
+        return int(torch.multinomial(probs, 1, generator=self.generator))
+
+
+class Policy:
+    """What a decoding mode decides after the backbone chose its token.
+
+    ``propose`` returns draft tokens to follow the sequence so far (whose last token the
+    backbone just chose, ``hidden`` being the state it chose it from). If ``verifies`` is False
+    they are accepted as they are; if True the loop checks them in the next forward.
+    """
+
+    name = "ar"
+    verifies = False
+
+    def reset(self) -> None:
+        """Called before each generation."""
+
+    def first_token(self, hidden: torch.Tensor, backbone_token: int) -> int:
+        """The token at n+1. Only the competing-head ablation overrides the backbone here."""
+        return backbone_token
+
+    def propose(self, hidden: torch.Tensor, tokens: list[int]) -> list[int]:
+        return []
+
+
+@dataclass
+class Stats:
+    new_tokens: int = 0
+    forward_passes: int = 0
+    seconds: float = 0.0
+    prompt_tokens: int = 0
+    accepted_lengths: Counter = field(default_factory=Counter)  # extra tokens kept per step
+    offset_proposed: Counter = field(default_factory=Counter)  # draft offset j -> times sent
+    offset_accepted: Counter = field(default_factory=Counter)  # draft offset j -> times kept
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.new_tokens / self.seconds if self.seconds > 0 else 0.0
+
+    @property
+    def tokens_per_forward(self) -> float:
+        return self.new_tokens / self.forward_passes if self.forward_passes else 0.0
+
+    def as_dict(self) -> dict:
+        return {
+            "new_tokens": self.new_tokens,
+            "forward_passes": self.forward_passes,
+            "seconds": round(self.seconds, 4),
+            "tokens_per_second": round(self.tokens_per_second, 3),
+            "tokens_per_forward": round(self.tokens_per_forward, 4),
+            "prompt_tokens": self.prompt_tokens,
+            "accepted_lengths": dict(sorted(self.accepted_lengths.items())),
+            "acceptance_by_offset": {
+                j: self.offset_accepted[j] / n for j, n in sorted(self.offset_proposed.items())
+            },
+        }
+
+
+@dataclass
+class Result:
+    text: str
+    token_ids: list[int]
+    stats: Stats
+    stop_reason: str  # "eos", "stop_string", "max_new_tokens" or "context"
+
+
+class Output:
+    """Collects committed tokens: stops at EOS, stop strings or the token budget, and streams
+    text once it can no longer change (no half character, no possible start of a stop string)."""
+
+    def __init__(self, tokenizer, max_new_tokens: int, eos_ids: set[int], stop: list[str],
+                 on_text: Callable[[str], None] | None):
+        self.tokenizer = tokenizer
+        self.max_new_tokens = max_new_tokens
+        self.eos_ids = eos_ids
+        self.stop = [s for s in stop if s]
+        self.on_text = on_text
+        self.ids: list[int] = []
+        self.text = ""
+        self.emitted = 0
+        self.stop_reason: str | None = None
+
+    def add(self, tokens: list[int]) -> int:
+        """Commit tokens in order until one ends generation; return how many were kept."""
+        for i, token in enumerate(tokens):
+            self.ids.append(token)
+            if token in self.eos_ids:
+                self.stop_reason = "eos"
+            elif len(self.ids) >= self.max_new_tokens:
+                self.stop_reason = "max_new_tokens"
+            if self.stop or self.on_text:
+                self._update_text()
+            if self.stop_reason:
+                self._flush()
+                return i + 1
+        self._flush(final=False)
+        return len(tokens)
+
+    def _update_text(self) -> None:
+        self.text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        for s in self.stop:
+            # only a stop string that ends in the newest token can be new
+            start = self.text.find(s, max(0, self.emitted - len(s)))
+            if start != -1:
+                self.text = self.text[:start]
+                self.stop_reason = "stop_string"
+                return
+
+    def _flush(self, final: bool = True) -> None:
+        if not self.on_text:
+            return
+        end = len(self.text)
+        if not final:
+            if self.text.endswith("\ufffd"):
+                end -= 1
+            for s in self.stop:  # hold back what may be the start of a stop string
+                for n in range(min(len(s) - 1, end), 0, -1):
+                    if self.text[end - n:end] == s[:n]:
+                        end = min(end, len(self.text) - n)
+                        break
+        if end > self.emitted:
+            self.on_text(self.text[self.emitted:end])
+            self.emitted = end
+
+    def final_text(self) -> str:
+        if not (self.stop or self.on_text):
+            self.text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        return self.text
+
+
+def generate(
+    runtime: Runtime,
+    tokenizer,
+    prompt_ids: list[int],
+    policy: Policy | None = None,
+    max_new_tokens: int = 128,
+    sampling: SamplingConfig | None = None,
+    eos_ids: set[int] | None = None,
+    stop: list[str] | None = None,
+    context_length: int | None = None,
+    on_text: Callable[[str], None] | None = None,
+) -> Result:
+    """Decode from ``prompt_ids`` with ``policy`` (plain autoregressive when None)."""
+    policy = policy or Policy()
+    if not prompt_ids:
+        raise ClpError("the prompt is empty")
+    if max_new_tokens <= 0:
+        raise ClpError(f"max_new_tokens must be > 0, got {max_new_tokens}")
+    if context_length and len(prompt_ids) >= context_length:
+        raise ClpError(
+            f"the prompt has {len(prompt_ids)} tokens; the model's context holds {context_length}"
+        )
+    select = Sampler(sampling or SamplingConfig())
+    budget = max_new_tokens
+    if context_length:
+        budget = min(budget, context_length - len(prompt_ids))
+    out = Output(tokenizer, budget, eos_ids or set(), stop or [], on_text)
+    stats = Stats(prompt_tokens=len(prompt_ids))
+    policy.reset()
+    runtime.reset()
+    start = time.perf_counter()
+
+    prompt_ids = list(prompt_ids)
+    feed, drafts = prompt_ids, []
+    while True:
+        hidden = runtime.feed(feed)
+        stats.forward_passes += 1
+        committed = 0
+        if policy.verifies and drafts:
+            rows = hidden[-(len(drafts) + 1):]
+            kept, choices = _verify(drafts, runtime.logits(rows), select)
+            for j in range(1, len(drafts) + 1):
+                stats.offset_proposed[j] += 1
+                stats.offset_accepted[j] += j <= kept
+            runtime.drop_last(len(drafts) - kept)
+            committed += out.add(drafts[:kept])
+            h, token = rows[kept], choices[kept]
+        else:
+            h = hidden[-1]
+            token = select(runtime.logits(h[None])[0])
+        drafts = []
+        if not out.stop_reason:
+            token = policy.first_token(h, token)
+            committed += out.add([token])
+        if not out.stop_reason:
+            drafts = policy.propose(h, prompt_ids + out.ids)
+            if not policy.verifies:  # unverified drafts are final at once
+                committed += out.add(drafts)
+        stats.accepted_lengths[committed - 1] += 1
+        if out.stop_reason:
+            break
+        feed = [token] + drafts
+    stats.seconds = time.perf_counter() - start
+    stats.new_tokens = len(out.ids)
+    reason = out.stop_reason
+    if reason == "max_new_tokens" and budget < max_new_tokens:
+        reason = "context"
+    return Result(out.final_text(), out.ids, stats, reason)
+
+
+def _verify(drafts: list[int], logits: torch.Tensor, select: Sampler) -> tuple[int, list[int]]:
+    """The backbone's own choice at each draft position, up to the first disagreement.
+
+    Returns how many drafts it confirms and its choices (one more than that). Sampling each
+    position and keeping drafts equal to the sample leaves the output distribution unchanged.
+    """
+    choices: list[int] = []
+    for row in logits:
+        choices.append(select(row))
+        j = len(choices) - 1
+        if j == len(drafts) or choices[j] != drafts[j]:
+            return j, choices
+    raise AssertionError("logits must have one row more than drafts")

