@@ -31,7 +31,9 @@ def hf_generate(backbone, ids: list[int], max_new_tokens: int) -> tuple[int, flo
     start = time.perf_counter()
     with torch.inference_mode():
         out = backbone.model.generate(
-            torch.tensor([ids]), do_sample=False, max_new_tokens=max_new_tokens,
+            torch.tensor([ids]),
+            do_sample=False,
+            max_new_tokens=max_new_tokens,
             eos_token_id=sorted(backbone.eos_token_ids),
             pad_token_id=backbone.tokenizer.pad_token_id or 0,
         )
@@ -63,8 +65,11 @@ def main() -> None:
             totals["hf_generate"][1] += sec
     tps = {k: n / s for k, (n, s) in totals.items()}
     result = {
-        "model": args.model, "dtype": args.dtype, "prompts": len(prompts),
-        "max_new_tokens": args.max_new_tokens, "rounds": args.rounds,
+        "model": args.model,
+        "dtype": args.dtype,
+        "prompts": len(prompts),
+        "max_new_tokens": args.max_new_tokens,
+        "rounds": args.rounds,
         "tokens_per_second": {k: round(v, 2) for k, v in tps.items()},
         "ratio_clp_over_generate": round(tps["clp_ar"] / tps["hf_generate"], 3),
     }

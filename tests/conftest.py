@@ -11,6 +11,8 @@ from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from clp.backbones import Backbone
 
+torch.set_num_threads(1)  # tiny models gain nothing from threads; the integration fixture resets
+
 SPECIALS = ["<pad>", "<s>", "</s>"]
 CHARS = list(string.ascii_letters + string.digits + string.punctuation + " \n")
 
@@ -29,9 +31,17 @@ def make_tiny_backbone(seed: int = 0, context: int = 256, dtype=torch.float32) -
     torch.manual_seed(seed)
     tokenizer = make_tokenizer()
     config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=context,
-        bos_token_id=1, eos_token_id=2, pad_token_id=0, tie_word_embeddings=False,
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=context,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+        tie_word_embeddings=False,
     )
     model = LlamaForCausalLM(config).to(dtype).eval().requires_grad_(False)
     return Backbone(name="tiny", model=model, tokenizer=tokenizer, dtype=dtype)
@@ -46,4 +56,5 @@ def tiny() -> Backbone:
 def smollm2_fp32() -> Backbone:
     from clp.backbones import load_backbone
 
+    torch.set_num_threads(2)
     return load_backbone("smollm2-135m", "fp32")

@@ -42,16 +42,19 @@ def test_generate_streams_text_and_a_summary(tiny_dir):
     assert "5 tokens, 5 forwards" in r.stderr
 
 
-@pytest.mark.parametrize("args, message", [
-    (["-m", "no-such-model", "hi"], "unknown model 'no-such-model'"),
-    (["-m", "TINY", "--dtype", "fp16", "hi"], "unsupported dtype 'fp16'"),
-    (["-m", "TINY", ""], "the prompt is empty"),
-    (["-m", "TINY", "   "], "the prompt is empty"),
-    (["-m", "TINY", "-n", "0", "hi"], "max_new_tokens must be > 0"),
-    (["-m", "TINY", "-n", "-3", "hi"], "max_new_tokens must be > 0"),
-    (["-m", "TINY", "x" * 80], "the model's context holds 64"),
-    (["-m", "TINY", "--mode", "warp", "hi"], "unknown mode 'warp'"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["-m", "no-such-model", "hi"], "unknown model 'no-such-model'"),
+        (["-m", "TINY", "--dtype", "fp16", "hi"], "unsupported dtype 'fp16'"),
+        (["-m", "TINY", ""], "the prompt is empty"),
+        (["-m", "TINY", "   "], "the prompt is empty"),
+        (["-m", "TINY", "-n", "0", "hi"], "max_new_tokens must be > 0"),
+        (["-m", "TINY", "-n", "-3", "hi"], "max_new_tokens must be > 0"),
+        (["-m", "TINY", "x" * 80], "the model's context holds 64"),
+        (["-m", "TINY", "--mode", "warp", "hi"], "unknown mode 'warp'"),
+    ],
+)
 def test_bad_input_is_one_line_and_non_zero(tiny_dir, args, message):
     args = [tiny_dir if a == "TINY" else a for a in args]
     r = cli("generate", *args)
@@ -68,8 +71,12 @@ def test_missing_package_from_a_real_process(tmp_path):
         " parts=(('gone-pkg', '1.0', 'g/x.gguf'),)); backbones.BUNDLED['gone'] = s;"
         "sys.argv = ['clp', 'generate', '-m', 'gone', 'hi']; cli.main()"
     )
-    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                       env={"CLP_HOME": str(tmp_path), "PATH": ""})
+    p = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        env={"CLP_HOME": str(tmp_path), "PATH": ""},
+    )
     assert p.returncode == 2
     assert p.stderr.strip().splitlines() == [
         "error: backbone 'gone' needs packages that are not installed (gone-pkg); "

@@ -60,12 +60,15 @@ def test_sampling_is_seeded_and_differs_from_greedy(tiny):
     assert a.token_ids == b.token_ids != greedy.token_ids
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    ({"max_new_tokens": 0}, "max_new_tokens must be > 0"),
-    ({"sampling": SamplingConfig(temperature=-1)}, "temperature must be >= 0"),
-    ({"sampling": SamplingConfig(temperature=1, top_p=0)}, "top_p must be in"),
-    ({"context_length": 3}, "the model's context holds 3"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"max_new_tokens": 0}, "max_new_tokens must be > 0"),
+        ({"sampling": SamplingConfig(temperature=-1)}, "temperature must be >= 0"),
+        ({"sampling": SamplingConfig(temperature=1, top_p=0)}, "top_p must be in"),
+        ({"context_length": 3}, "the model's context holds 3"),
+    ],
+)
 def test_bad_arguments_raise_clear_errors(tiny, kwargs, message):
     with pytest.raises(ClpError, match=message):
         run(tiny, **kwargs)
@@ -93,7 +96,7 @@ class NoisyOracle(Policy):
     def reset(self):
         self.rng = random.Random(self.seed)
 
-    def propose(self, hidden, tokens):
+    def propose(self, hidden, tokens, logits):
         n = len(tokens)
         drafts = list(self.reference[n : n + self.rng.randint(0, self.k)])
         noisy = self.rng.random

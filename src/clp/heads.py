@@ -1,0 +1,253 @@
+"""MTP head architectures on a frozen backbone, and their save / load with a fingerprint.
+
+Head j (1..k) proposes token n+1+j; no head proposes n+1, which the backbone always chooses
+(Backbone-as-Architect), except the ``competing`` ablation. Heads reuse the backbone's frozen
+input embedding and LM head (optionally restricted to a reduced draft vocabulary), so only
+their small blocks are trained and saved.
+
+- ``medusa``: head j = ResBlock(s) on h_n -> LM head. It does not know token n+1.
+- ``chain``: head 1 reads [norm h_n ; norm E(x_{n+1})] through a 2d->d projection and an MLP
+  block; head j+1 reads head j's output state and the embedding of head j's token.
+- ``competing``: medusa-style heads for offsets 0..k-1: head 0 proposes n+1 itself.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+from torch.nn import functional as F
+
+from clp.errors import ClpError
+
+ARCHS = ("medusa", "chain", "competing")
+
+
+@dataclass
+class HeadConfig:
+    arch: str = "chain"
+    k: int = 2
+    hidden_size: int = 0
+    vocab_size: int = 0
+    draft_vocab_size: int = 0  # 0: the full vocabulary
+    layers: int = 1  # blocks per head
+    mlp_ratio: float = 2.0
+    fingerprint: dict = field(default_factory=dict)
+    training: dict = field(default_factory=dict)  # data, steps, held-out metrics
+
+    def validate(self) -> None:
+        if self.arch not in ARCHS:
+            raise ClpError(
+                f"unknown head architecture '{self.arch}'; use one of {', '.join(ARCHS)}"
+            )
+        if not 1 <= self.k <= 4:
+            raise ClpError(f"k must be 1..4, got {self.k}")
+
+    @property
+    def first_offset(self) -> int:
+        """Offset after n+1 of head 1's token: 1 (n+2), or 0 (n+1) for the competing ablation."""
+        return 0 if self.arch == "competing" else 1
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, d: int, eps: float = 1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(d))
+        self.eps = eps
+
+    def forward(self, x):
+        x32 = x.float()
+        return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).to(
+            x.dtype
+        ) * self.weight
+
+
+class ResBlock(nn.Module):
+    """Medusa's block: x + SiLU(Wx), W zero-initialised so a new head starts as the LM head."""
+
+    def __init__(self, d: int):
+        super().__init__()
+        self.linear = nn.Linear(d, d)
+        nn.init.zeros_(self.linear.weight)
+
+    def forward(self, x):
+        return x + F.silu(self.linear(x))
+
+
+class MLPBlock(nn.Module):
+    def __init__(self, d: int, ratio: float):
+        super().__init__()
+        self.norm = RMSNorm(d)
+        self.up = nn.Linear(d, int(d * ratio), bias=False)
+        self.down = nn.Linear(int(d * ratio), d, bias=False)
+        nn.init.zeros_(self.down.weight)
+
+    def forward(self, x):
+        return x + self.down(F.silu(self.up(self.norm(x))))
+
+
+class ChainStep(nn.Module):
+    """One chain head: (previous state, embedding of the token before mine) -> my state."""
+
+    def __init__(self, d: int, layers: int, ratio: float):
+        super().__init__()
+        self.norm_state = RMSNorm(d)
+        self.norm_token = RMSNorm(d)
+        self.proj = nn.Linear(2 * d, d, bias=False)
+        self.blocks = nn.Sequential(*[MLPBlock(d, ratio) for _ in range(layers)])
+        self.norm_out = RMSNorm(d)
+
+    def forward(self, state, token_emb):
+        x = self.proj(torch.cat([self.norm_state(state), self.norm_token(token_emb)], dim=-1))
+        x = self.blocks(x)
+        return x, self.norm_out(x)
+
+
+class MTPHeads(nn.Module):
+    """k heads over a frozen backbone's embedding and LM head.
+
+    ``forward`` is teacher-forced (training): ``tokens[:, j]`` is the token before head j+1's,
+    i.e. x_{n+1}, x_{n+2}, ... ``propose`` chains the heads on their own argmax (decoding).
+    Logits are over the draft vocabulary; ``draft_ids`` maps them back to backbone token ids.
+    """
+
+    def __init__(
+        self,
+        config: HeadConfig,
+        embedding: torch.Tensor,
+        lm_head: torch.Tensor,
+        draft_ids: torch.Tensor | None = None,
+    ):
+        super().__init__()
+        config.validate()
+        self.config = config
+        d = config.hidden_size
+        if draft_ids is None:
+            draft_ids = torch.arange(config.vocab_size)
+        self.register_buffer("draft_ids", draft_ids.long(), persistent=False)
+        # frozen backbone weights, shared (not copied) where possible; never saved
+        self.embedding = embedding
+        self.lm_head = lm_head[self.draft_ids] if len(draft_ids) < lm_head.shape[0] else lm_head
+        if config.arch == "chain":
+            self.steps = nn.ModuleList(
+                ChainStep(d, config.layers, config.mlp_ratio) for _ in range(config.k)
+            )
+        else:
+            self.steps = nn.ModuleList(
+                nn.Sequential(*[ResBlock(d) for _ in range(config.layers)]) for _ in range(config.k)
+            )
+
+    def trainable_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def _logits(self, state):
+        return F.linear(state, self.lm_head.to(state.dtype))
+
+    def forward(self, hidden: torch.Tensor, tokens: torch.Tensor) -> list[torch.Tensor]:
+        """Draft-vocabulary logits of each head, teacher-forced: [B, V'] per head."""
+        out = []
+        state = hidden
+        for j, step in enumerate(self.steps):
+            if self.config.arch == "chain":
+                state, normed = step(state, self.embedding[tokens[:, j]].to(hidden.dtype))
+                out.append(self._logits(normed))
+            else:
+                out.append(self._logits(step(hidden)))
+        return out
+
+    @torch.inference_mode()
+    def run(self, hidden: torch.Tensor, token: int, n: int | None = None):
+        """Greedy proposals of the first ``n`` heads (all by default), chained on their own
+        tokens, with each head's logits and output state. Proposals are token ids for
+        positions n+2, n+3, ... (n+1, ... for the competing ablation)."""
+        n = self.config.k if n is None else n
+        ids: list[int] = []
+        logits_out, states = [], []
+        state = hidden[None].to(self.lm_head.dtype)
+        prev = token
+        for step in self.steps[:n]:
+            if self.config.arch == "chain":
+                state, normed = step(state, self.embedding[prev][None].to(state.dtype))
+            else:
+                state = normed = step(hidden[None].to(self.lm_head.dtype))
+            logits = self._logits(normed)[0]
+            prev = int(self.draft_ids[logits.argmax()])
+            ids.append(prev)
+            logits_out.append(logits)
+            states.append(state)
+        return ids, logits_out, states
+
+    def propose(self, hidden: torch.Tensor, token: int, n: int | None = None) -> list[int]:
+        return self.run(hidden, token, n)[0]
+
+
+# ----- save / load --------------------------------------------------------------------------------
+
+
+def save_heads(heads: MTPHeads, out: str | Path) -> None:
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().to(torch.bfloat16).contiguous() for k, v in heads.state_dict().items()}
+    state["draft_ids"] = heads.draft_ids.to(torch.int32)
+    tmp = out / "model.safetensors.tmp"
+    save_file(state, str(tmp))
+    os.replace(tmp, out / "model.safetensors")
+    (out / "config.json.tmp").write_text(json.dumps(asdict(heads.config), indent=1))
+    os.replace(out / "config.json.tmp", out / "config.json")
+
+
+def read_config(path: str | Path) -> HeadConfig:
+    path = Path(path)
+    try:
+        return HeadConfig(**json.loads((path / "config.json").read_text()))
+    except FileNotFoundError as exc:
+        raise ClpError(f"no heads at {path} (config.json missing)") from exc
+    except (json.JSONDecodeError, TypeError) as exc:
+        raise ClpError(f"corrupted heads config at {path}/config.json: {exc}") from exc
+
+
+def check_fingerprint(expected: dict, actual: dict, what: str) -> None:
+    """Fail clearly when saved artifacts belong to another backbone."""
+    keys = ("hidden_size", "vocab_size", "lm_head_sha")
+    diff = [k for k in keys if expected.get(k) != actual.get(k)]
+    if diff:
+        raise ClpError(
+            f"{what} were trained for backbone {_describe(expected)}, not for "
+            f"{_describe(actual)}; mismatch in {', '.join(diff)}"
+        )
+
+
+def _describe(fp: dict) -> str:
+    return f"'{fp.get('name')}' (d={fp.get('hidden_size')}, vocab={fp.get('vocab_size')})"
+
+
+def load_heads(path: str | Path, backbone, dtype: torch.dtype | None = None) -> MTPHeads:
+    from clp.features import fingerprint
+
+    path = Path(path)
+    config = read_config(path)
+    check_fingerprint(config.fingerprint, fingerprint(backbone), f"heads at {path}")
+    try:
+        state = load_file(str(path / "model.safetensors"))
+    except Exception as exc:  # safetensors raises several types for a damaged file
+        raise ClpError(f"corrupted heads weights at {path}/model.safetensors: {exc}") from exc
+    draft_ids = state.pop("draft_ids").long()
+    dtype = dtype or backbone.dtype
+    heads = MTPHeads(config, *frozen_weights(backbone, dtype), draft_ids=draft_ids)
+    try:
+        heads.load_state_dict(state)
+    except RuntimeError as exc:
+        raise ClpError(f"heads weights at {path} do not match their config: {exc}") from exc
+    return heads.to(dtype).eval().requires_grad_(False)
+
+
+def frozen_weights(backbone, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """The backbone's input embedding and LM-head matrices, detached."""
+    emb = backbone.model.get_input_embeddings().weight.detach().to(dtype)
+    head = backbone.model.get_output_embeddings().weight.detach().to(dtype)
+    return emb, head

@@ -1,0 +1,180 @@
+"""End-to-end recipes: data -> feature caches -> trained heads with a held-out report."""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from pathlib import Path
+
+import torch
+
+from clp.backbones import clp_home, cpu_has_fast_bf16, load_backbone
+from clp.data import interleave
+from clp.errors import ClpError
+from clp.features import CacheSpec, FeatureCache, build_cache
+from clp.heads import HeadConfig, MTPHeads
+from clp.training import evaluate_heads, finish, new_heads, train_heads
+
+
+def feature_caches(
+    backbone,
+    sources: list[str],
+    data_mode: str,
+    budgets: dict[str, int],
+    max_new_tokens: int,
+    batch_size: int,
+    cache: str | None,
+    log,
+) -> dict[str, FeatureCache]:
+    """One cache per split ('heldout', 'calib', 'train'), built in that order. The document
+    order is stable, so a larger budget extends a cache instead of rebuilding it."""
+    spec = CacheSpec(data_mode, max_new_tokens=max_new_tokens)
+    key = hashlib.sha1(f"{sources}|{spec}".encode()).hexdigest()[:8]
+    root = Path(cache) if cache else clp_home() / "features" / backbone.name.replace("/", "--")
+    root = root / f"{data_mode}-{key}"
+    caches = {}
+    for split, n in budgets.items():
+        docs = interleave(sources, split, n)
+        if not docs:
+            raise ClpError(f"no {split} documents in {', '.join(sources)}")
+        log(f"{split}: {len(docs)} documents -> {root / split}")
+        t = time.perf_counter()
+        c = build_cache(backbone, docs, root / split, spec, batch_size=batch_size)
+        rows = sum(1 for _ in c.shards())
+        log(f"{split}: cache ready ({rows} shards) in {time.perf_counter() - t:.0f}s")
+        caches[split] = c
+    return caches
+
+
+def feature_dtype() -> torch.dtype:
+    """Batched feature passes are compute-bound: bf16 only where the CPU computes it natively
+    (elsewhere torch emulates it at a fraction of fp32 matmul speed)."""
+    return torch.bfloat16 if cpu_has_fast_bf16() else torch.float32
+
+
+def train_heads_pipeline(
+    model: str,
+    sources: list[str],
+    data_mode: str,
+    arch: str,
+    k: int,
+    layers: int,
+    draft_vocab: int,
+    train_docs: int,
+    heldout_docs: int,
+    calib_docs: int,
+    max_new_tokens: int,
+    batch_size: int,
+    epochs: float,
+    lr: float,
+    cache: str | None,
+    out: str,
+    log=print,
+) -> dict:
+    backbone = load_backbone(model, feature_dtype())
+    log(f"feature passes in {backbone.dtype}")
+    caches = feature_caches(
+        backbone,
+        sources,
+        data_mode,
+        {"heldout": heldout_docs, "calib": calib_docs, "train": train_docs},
+        max_new_tokens,
+        batch_size,
+        cache,
+        log,
+    )
+    train_data = caches["train"].load()
+    heldout = caches["heldout"].load()
+    config = HeadConfig(arch=arch, k=k, layers=layers)
+    heads = new_heads(config, backbone, train_data, draft_vocab)
+    log(
+        f"{arch} heads, k={k}: {heads.trainable_parameters():,} trainable parameters, "
+        f"draft vocabulary {len(heads.draft_ids):,}, {len(train_data['doc']):,} training rows"
+    )
+    info = train_heads(heads, train_data, out, epochs=epochs, lr=lr, log=log)
+    report = evaluate_heads(heads, heldout)
+    info.update(
+        data={
+            "sources": sources,
+            "mode": data_mode,
+            "train_docs": train_docs,
+            "train_tokens": int(len(train_data["doc"])),
+            "heldout_docs": heldout_docs,
+            "heldout_tokens": int(len(heldout["doc"])),
+            "caches": {split: str(c.root) for split, c in caches.items()},
+        },
+        parameters=heads.trainable_parameters(),
+        heldout=report,
+        overhead=head_overhead(heads, backbone),
+    )
+    finish(heads, out, info)
+    return info
+
+
+@torch.inference_mode()
+def head_overhead(heads: MTPHeads, backbone, repeats: int = 30) -> dict:
+    """Per-step cost of proposing with all heads, as a share of one bf16 backbone forward of
+    one token with a ~100-token cache (the decode step it rides on)."""
+    from clp.heads import frozen_weights
+    from clp.runtime import TransformersRuntime
+
+    rt = TransformersRuntime(backbone)
+    rt.reset()
+    rt.feed(list(range(100, 200)))
+    h = rt.feed([42])[-1]
+
+    def timed(fn) -> float:
+        fn()
+        t = time.perf_counter()
+        for _ in range(repeats):
+            fn()
+        return (time.perf_counter() - t) / repeats
+
+    def one_forward():
+        rt.feed([7])
+        rt.drop_last(1)
+
+    base = timed(one_forward)
+    bf16 = MTPHeads(
+        heads.config, *frozen_weights(backbone, torch.bfloat16), draft_ids=heads.draft_ids
+    ).to(torch.bfloat16)
+    bf16.load_state_dict(heads.state_dict())
+    full = MTPHeads(heads.config, *frozen_weights(backbone, torch.bfloat16)).to(torch.bfloat16)
+    full.load_state_dict(heads.state_dict())
+    reduced_ms, full_ms = timed(lambda: bf16.propose(h, 42)), timed(lambda: full.propose(h, 42))
+    return {
+        "backbone_forward_ms": round(base * 1e3, 2),
+        "heads_ms": round(reduced_ms * 1e3, 2),
+        "heads_share": round(reduced_ms / base, 4),
+        "heads_full_vocab_ms": round(full_ms * 1e3, 2),
+        "heads_full_vocab_share": round(full_ms / base, 4),
+    }
+
+
+def train_predictors_pipeline(
+    heads_dir: str, kinds: list[str], balanced: bool = False, log=print
+) -> dict:
+    """Label the calib split with the heads, train each predictor, report on held-out rows."""
+    from clp.calibration import train_and_save
+    from clp.heads import load_heads, read_config
+
+    config = read_config(heads_dir)
+    caches = config.training.get("data", {}).get("caches", {})
+    if not {"calib", "heldout"} <= caches.keys():
+        raise ClpError(f"heads at {heads_dir} do not record their calib / heldout feature caches")
+    backbone = load_backbone(config.fingerprint["name"], feature_dtype())
+    heads = load_heads(heads_dir, backbone, torch.float32)
+    results = {}
+    for kind in kinds:
+        log(f"training the {kind} predictor on {caches['calib']}")
+        results[kind] = train_and_save(
+            kind,
+            heads,
+            backbone,
+            heads_dir,
+            FeatureCache(caches["calib"]),
+            FeatureCache(caches["heldout"]),
+            log=log,
+            balanced=balanced,
+        )
+    return results

@@ -1,0 +1,117 @@
+"""The decoding modes of SPEC section 2, as policies of the one loop in ``clp.decoding``.
+
+Every policy but ``competing`` keeps the backbone's own token at n+1; they differ only in
+how many head proposals follow it and whether the backbone checks them.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from clp.decoding import Policy
+from clp.heads import MTPHeads
+from clp.predictor import Gate, LengthPredictor, accept_length, confidence_features
+
+
+class AcceptAll(Policy):
+    """``mtp``: naive multi-token prediction, every proposal accepted unverified."""
+
+    name = "mtp"
+
+    def __init__(self, heads: MTPHeads):
+        self.heads = heads
+
+    def propose(self, hidden, tokens, logits):
+        return self.heads.propose(hidden, tokens[-1])
+
+
+class PredictedLength(Policy):
+    """``clp``: the paper's linear predictor on h_n picks L; only heads 1..L run."""
+
+    name = "clp"
+
+    def __init__(self, heads: MTPHeads, predictor: LengthPredictor, tau: float):
+        self.heads, self.predictor, self.tau = heads, predictor, tau
+
+    def length(self, hidden, tokens, logits) -> int:
+        if self.tau > 1:
+            return 0
+        with torch.inference_mode():
+            probs = torch.softmax(self.predictor(hidden[None]), -1)
+        return int(accept_length(probs, self.tau)[0])
+
+    def propose(self, hidden, tokens, logits):
+        n = self.length(hidden, tokens, logits)
+        return self.heads.propose(hidden, tokens[-1], n) if n else []
+
+
+class PredictedLengthPlus(PredictedLength):
+    """``clp+``: one linear layer over [h_n ; confidence of the backbone and of each head].
+    The heads run first (their confidence is an input), so all k always run."""
+
+    name = "clp+"
+
+    def propose(self, hidden, tokens, logits):
+        if self.tau > 1:
+            return []
+        with torch.inference_mode():
+            ids, head_logits, _ = self.heads.run(hidden, tokens[-1])
+            feats = confidence_features(logits[None], [lg[None] for lg in head_logits])
+            x = torch.cat([hidden[None].float(), feats], dim=-1)
+            n = int(accept_length(torch.softmax(self.predictor(x), -1), self.tau)[0])
+        return ids[:n]
+
+
+class Gated(Policy):
+    """``gate``: prior work's per-position binary gate; accept while P(accept) >= 0.5."""
+
+    name = "gate"
+
+    def __init__(self, heads: MTPHeads, gate: Gate, threshold: float = 0.5):
+        self.heads, self.gate, self.threshold = heads, gate, threshold
+
+    def propose(self, hidden, tokens, logits):
+        with torch.inference_mode():
+            ids, _, states = self.heads.run(hidden, tokens[-1])
+            accepted = []
+            for token, state in zip(ids, states, strict=True):
+                if torch.sigmoid(self.gate(hidden[None], state)).item() < self.threshold:
+                    break
+                accepted.append(token)
+        return accepted
+
+
+class Verified(Policy):
+    """``verify``: proposals are checked by the backbone in the next forward (lossless).
+    With a predictor, only as many proposals as it accepts are sent."""
+
+    name = "verify"
+    verifies = True
+
+    def __init__(self, heads: MTPHeads, predictor: LengthPredictor | None = None, tau: float = 0.0):
+        self.heads = heads
+        self.length = PredictedLength(heads, predictor, tau).length if predictor else None
+
+    def propose(self, hidden, tokens, logits):
+        n = self.length(hidden, tokens, logits) if self.length else None
+        return self.heads.propose(hidden, tokens[-1], n) if n != 0 else []
+
+
+class Competing(Policy):
+    """``competing``: the ablation the paper warns against — a head, not the backbone,
+    chooses token n+1, and the remaining heads follow it unverified."""
+
+    name = "competing"
+
+    def __init__(self, heads: MTPHeads):
+        if heads.config.first_offset != 0:
+            raise ValueError("competing mode needs heads trained with --arch competing")
+        self.heads = heads
+        self._pending: list[int] = []
+
+    def first_token(self, hidden, backbone_token):
+        self._pending = self.heads.propose(hidden, backbone_token)
+        return self._pending[0]
+
+    def propose(self, hidden, tokens, logits):
+        return self._pending[1:]

@@ -1,0 +1,148 @@
+"""Every decoding mode through the one loop, on a tiny random backbone with tiny trained heads."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+
+from clp.api import Model
+from clp.calibration import train_and_save
+from clp.data import Document
+from clp.errors import ClpError
+from clp.features import CacheSpec, build_cache
+from clp.heads import HeadConfig, save_heads
+from clp.training import new_heads, train_heads
+
+SPEC = CacheSpec("distill", docs_per_shard=8, max_new_tokens=32)
+PROMPTS = [f"prompt {i}: " + "abcxyz"[i % 6] * (i % 5 + 1) for i in range(24)]
+
+
+@pytest.fixture(scope="module")
+def artifacts(tiny, tmp_path_factory):
+    """Heads (chain k=2, competing k=3), clp / clp+ predictors and a gate, all trained here."""
+    tiny.tokenizer.chat_template = None
+    root = tmp_path_factory.mktemp("artifacts")
+    docs = [Document(f"t{i}", f"train {i} " + "pq"[i % 2] * (i % 9)) for i in range(32)]
+    calib = [Document(f"c{i}", f"calib {i} " + "rs"[i % 2] * (i % 9)) for i in range(16)]
+    train = build_cache(tiny, docs, root / "train", SPEC, batch_size=8)
+    calib_cache = build_cache(tiny, calib, root / "calib", SPEC, batch_size=8)
+    data = train.load()
+    heads = new_heads(HeadConfig(arch="chain", k=2), tiny, data, draft_vocab=0)
+    train_heads(heads, data, root / "ckpt", epochs=20, batch_size=64, log=lambda m: None)
+    save_heads(heads, root / "heads")
+    competing = new_heads(HeadConfig(arch="competing", k=3), tiny, data, draft_vocab=0)
+    train_heads(competing, data, root / "ckpt2", epochs=5, batch_size=64, log=lambda m: None)
+    save_heads(competing, root / "heads" / "competing")
+    for kind in ("clp", "clp+", "gate"):
+        train_and_save(kind, heads, tiny, root / "heads", calib_cache, calib_cache,
+                       log=lambda m: None)
+    return root / "heads"
+
+
+@pytest.fixture(scope="module")
+def model(tiny, artifacts):
+    return Model(tiny, artifacts)
+
+
+def gen(model, prompt, mode, **kw):
+    kw.setdefault("max_new_tokens", 40)
+    return model.generate(prompt, mode=mode, raw=True, **kw)
+
+
+def test_verify_is_token_identical_to_ar_greedy(model):
+    spans = 0
+    for prompt in PROMPTS:
+        for n in (40, 7):  # a small budget ends inside an accepted span on some prompts
+            ar = gen(model, prompt, "ar", max_new_tokens=n)
+            ver = gen(model, prompt, "verify", max_new_tokens=n)
+            assert ver.token_ids == ar.token_ids, prompt
+            assert ver.stats.forward_passes <= ar.stats.forward_passes
+            spans += sum(c for extra, c in ver.stats.accepted_lengths.items() if extra > 0)
+    assert spans > 20  # the heads did get drafts accepted
+
+
+def test_verify_stops_at_eos_wherever_it_falls(model, tiny):
+    """Each token of a verified output in turn made the EOS: the output ends right there,
+    whether that token came as a confirmed draft or as the backbone's own next token."""
+    prompt = PROMPTS[4]
+    ar_ids = gen(model, prompt, "ar").token_ids
+    old = tiny.model.generation_config.eos_token_id
+    try:
+        for stop_at, eos in enumerate(ar_ids):
+            if eos in ar_ids[:stop_at]:
+                continue
+            tiny.model.generation_config.eos_token_id = eos
+            ver = gen(model, prompt, "verify")
+            assert ver.token_ids == ar_ids[: stop_at + 1] and ver.stop_reason == "eos"
+    finally:
+        tiny.model.generation_config.eos_token_id = old
+
+
+@pytest.mark.parametrize("mode", ["clp", "clp+"])
+def test_tau_above_one_is_plain_ar(model, mode):
+    for prompt in PROMPTS[:10]:
+        r = gen(model, prompt, mode, tau=1.01)
+        assert r.token_ids == gen(model, prompt, "ar").token_ids
+        assert r.stats.tokens_per_forward == 1.0
+
+
+def test_mtp_emits_one_plus_k_tokens_per_forward(model):
+    r = gen(model, PROMPTS[0], "mtp", max_new_tokens=30)
+    assert len(r.token_ids) == 30 and r.stats.forward_passes == 10
+    assert dict(r.stats.accepted_lengths) == {2: 10}
+
+
+@pytest.mark.parametrize("mode", ["mtp", "gate", "clp", "clp+", "verify", "competing"])
+@pytest.mark.parametrize("n", [1, 5, 33])
+def test_every_mode_stops_exactly_and_its_stats_add_up(model, mode, n):
+    r = gen(model, PROMPTS[3], mode, max_new_tokens=n, tau=0.3)
+    assert len(r.token_ids) == r.stats.new_tokens == n
+    hist = r.stats.accepted_lengths
+    assert sum((extra + 1) * c for extra, c in hist.items()) == n
+    assert sum(hist.values()) == r.stats.forward_passes
+
+
+def test_unverified_modes_stop_at_a_stop_string_inside_a_span(model):
+    full = gen(model, PROMPTS[2], "mtp", max_new_tokens=30)
+    stop = full.text[7:9]
+    r = gen(model, PROMPTS[2], "mtp", max_new_tokens=30, stop=[stop])
+    assert r.text == full.text[: full.text.index(stop)] and r.stop_reason == "stop_string"
+
+
+def test_competing_mode_lets_a_head_choose_token_n_plus_1(model):
+    ar = gen(model, PROMPTS[5], "ar")
+    comp = gen(model, PROMPTS[5], "competing")
+    assert comp.stats.tokens_per_forward > 2.5  # head 0 + two more heads each forward
+    assert len(comp.token_ids) == len(ar.token_ids)
+
+
+def test_predictors_are_single_linear_layers(model):
+    d, k = 64, 2
+    assert model.predictor("clp").parameter_count() == d * (k + 1) + (k + 1)
+    assert model.predictor("clp+").parameter_count() == (d + 2 * (1 + k)) * (k + 1) + (k + 1)
+
+
+def test_mismatched_artifacts_fail_clearly(tiny, artifacts, tmp_path):
+    from conftest import make_tiny_backbone
+
+    other = Model(make_tiny_backbone(seed=3), artifacts)
+    with pytest.raises(ClpError, match="trained for backbone"):
+        other.generate("hi", mode="verify", raw=True)
+    # a predictor trained for k=2 next to heads with k=3
+    mixed = tmp_path / "mixed"
+    shutil.copytree(artifacts / "competing", mixed)
+    for name in ("clp.json", "clp.safetensors"):
+        shutil.copy(artifacts / name, mixed / name)
+    with pytest.raises(ClpError, match="trained for k=2, but the heads have k=3"):
+        Model(tiny, mixed).generate("hi", mode="clp", raw=True)
+    with pytest.raises(ClpError, match="no trained heads"):
+        Model(tiny, None).generate("hi", mode="mtp", raw=True)
+    with pytest.raises(ClpError, match="tau must be >= 0"):
+        Model(tiny, artifacts).generate("hi", mode="clp", tau=-1, raw=True)
+
+
+def test_sampling_with_verify_runs_and_is_seeded(model):
+    a = gen(model, PROMPTS[1], "verify", temperature=1.0, seed=3)
+    b = gen(model, PROMPTS[1], "verify", temperature=1.0, seed=3)
+    assert a.token_ids == b.token_ids and len(a.token_ids) == 40
