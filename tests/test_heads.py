@@ -38,8 +38,9 @@ def test_distilled_cache_rows_are_the_backbones_greedy_tokens(plain, cache):
     assert len(set(cache["doc"].tolist())) == 16
 
 
-def test_interrupted_cache_resumes_without_recomputing_or_losing_shards(plain, tmp_path,
-                                                                        monkeypatch):
+def test_interrupted_cache_resumes_without_recomputing_or_losing_shards(
+    plain, tmp_path, monkeypatch
+):
     import clp.features as features
 
     calls = []
@@ -55,7 +56,9 @@ def test_interrupted_cache_resumes_without_recomputing_or_losing_shards(plain, t
     with pytest.raises(KeyboardInterrupt):
         build_cache(plain, docs(16), tmp_path, SPEC, batch_size=4)
     assert [p.name for p in FeatureCache(tmp_path).shards()] == [
-        "shard-00000.safetensors", "shard-00001.safetensors"]
+        "shard-00000.safetensors",
+        "shard-00001.safetensors",
+    ]
     assert not list(tmp_path.glob("*.tmp"))
     calls.clear()
     full = build_cache(plain, docs(16), tmp_path, SPEC, batch_size=4).load()

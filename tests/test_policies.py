@@ -35,8 +35,9 @@ def artifacts(tiny, tmp_path_factory):
     train_heads(competing, data, root / "ckpt2", epochs=5, batch_size=64, log=lambda m: None)
     save_heads(competing, root / "heads" / "competing")
     for kind in ("clp", "clp+", "gate"):
-        train_and_save(kind, heads, tiny, root / "heads", calib_cache, calib_cache,
-                       log=lambda m: None)
+        train_and_save(
+            kind, heads, tiny, root / "heads", calib_cache, calib_cache, log=lambda m: None
+        )
     return root / "heads"
 
 

