@@ -19,7 +19,7 @@ $(VENV)/.installed: pyproject.toml Makefile
 	touch $@
 
 demo: setup
-	$(VENV)/bin/clp generate "Write a Python function that returns the n-th Fibonacci number."
+	$(VENV)/bin/clp demo
 
 test: setup
 	$(VENV)/bin/python -m pytest -q

@@ -147,3 +147,37 @@ def test_sampling_with_verify_runs_and_is_seeded(model):
     a = gen(model, PROMPTS[1], "verify", temperature=1.0, seed=3)
     b = gen(model, PROMPTS[1], "verify", temperature=1.0, seed=3)
     assert a.token_ids == b.token_ids and len(a.token_ids) == 40
+
+
+def test_bench_reports_every_mode_consistently(model, tmp_path):
+    import json
+    import math
+
+    from clp import bench
+
+    docs = [Document(f"b{i}", p, category="abc"[i % 3]) for i, p in enumerate(PROMPTS[:6])]
+    result = bench.run(model, ["mtp", "clp", "verify"], docs, max_new_tokens=12, tau=0.5)
+    bench.save(result, tmp_path)
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert set(saved["modes"]) == {"ar", "mtp", "clp", "verify"}
+    ar = saved["modes"]["ar"]
+    for mode, s in saved["modes"].items():
+        for key in (
+            "tokens_per_second",
+            "speedup",
+            "tokens_per_forward",
+            "repetition_ratio",
+            "repetition_delta",
+            "backbone_nll",
+        ):
+            assert math.isfinite(s[key]), (mode, key)
+        assert s["speedup"] == pytest.approx(
+            s["tokens_per_second"] / ar["tokens_per_second"], rel=1e-3
+        )
+        assert s["tokens_per_forward"] == pytest.approx(
+            s["new_tokens"] / s["forward_passes"], rel=1e-3
+        )
+    assert saved["modes"]["verify"]["agreement_with_ar"]["identical"] == 1.0
+    assert saved["modes"]["mtp"]["tokens_per_forward"] == 3.0
+    assert set(saved["by_category"]) == {"a", "b", "c"}
+    assert "| verify |" in (tmp_path / "results.md").read_text()

@@ -92,6 +92,7 @@ def train_predictor(
         k=k,
         hidden_size=d,
         extra_features=0 if kind != "clp+" else 2 * (1 + k),
+        gate_hidden=64 * max(4, round(1e6 / (2 * d) / 64)),  # about 1M parameters
         fingerprint=heads.config.fingerprint,
     )
     model = build(config)

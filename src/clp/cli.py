@@ -25,6 +25,24 @@ class _Group(click.Group):
             sys.exit(130)
 
 
+MODEL = click.option(
+    "--model",
+    "-m",
+    default=DEFAULT_MODEL,
+    show_default=True,
+    help="Bundled backbone name, local directory or Hugging Face id.",
+)
+DTYPE = click.option(
+    "--dtype",
+    default="auto",
+    show_default=True,
+    help="bf16 or fp32; auto picks bf16 where the CPU computes it natively.",
+)
+HEADS = click.option(
+    "--heads", default=None, help="Trained heads folder (default: committed artifacts)."
+)
+
+
 @click.group(cls=_Group)
 @click.version_option(package_name="clp-mtp")
 def main() -> None:
@@ -40,19 +58,8 @@ def _quiet_transformers() -> None:
 
 @main.command()
 @click.argument("prompt")
-@click.option(
-    "--model",
-    "-m",
-    default=DEFAULT_MODEL,
-    show_default=True,
-    help="Bundled backbone name, local directory or Hugging Face id.",
-)
-@click.option(
-    "--dtype",
-    default="auto",
-    show_default=True,
-    help="bf16 or fp32; auto picks bf16 where the CPU computes it natively.",
-)
+@MODEL
+@DTYPE
 @click.option(
     "--mode", default="ar", show_default=True, help="ar, mtp, gate, clp, clp+, verify or competing."
 )
@@ -63,7 +70,7 @@ def _quiet_transformers() -> None:
     help="clp/clp+: accept while P(L* >= l) >= tau (> 1: none). verify: send only "
     "what the clp predictor accepts at this tau.",
 )
-@click.option("--heads", default=None, help="Trained heads folder (default: committed artifacts).")
+@HEADS
 @click.option("--max-new-tokens", "-n", default=128, show_default=True, type=int)
 @click.option(
     "--temperature", "-t", default=0.0, show_default=True, type=float, help="0 means greedy."
@@ -159,9 +166,9 @@ def models() -> None:
 
 
 @main.command()
-@click.option("--model", "-m", default=DEFAULT_MODEL, show_default=True)
-@click.option("--dtype", default="auto", show_default=True)
-@click.option("--heads", default=None, help="Trained heads folder (default: committed artifacts).")
+@MODEL
+@DTYPE
+@HEADS
 @click.option("--modes", default="ar,mtp,gate,clp,clp+,verify,competing", show_default=True)
 @click.option(
     "--prompts",
@@ -204,8 +211,8 @@ DEMO_PROMPTS = [
 
 
 @main.command()
-@click.option("--model", "-m", default=DEFAULT_MODEL, show_default=True)
-@click.option("--dtype", default="auto", show_default=True)
+@MODEL
+@DTYPE
 @click.option("--max-new-tokens", "-n", default=64, show_default=True, type=int)
 def demo(model, dtype, max_new_tokens) -> None:
     """A few prompts through ar, clp and verify: the text, then each mode's speed."""
@@ -229,21 +236,25 @@ def demo(model, dtype, max_new_tokens) -> None:
             if mode == modes[-1] or mode == "ar":
                 click.echo(f"[{mode}] {r.text.strip()}")
     base = totals["ar"][0] / totals["ar"][1]
-    click.echo(f"\n{model} ({m.backbone.dtype}), {len(DEMO_PROMPTS)} prompts, "
-               f"{max_new_tokens} new tokens, measured in this run:")
+    click.echo(
+        f"\n{model} ({m.backbone.dtype}), {len(DEMO_PROMPTS)} prompts, "
+        f"{max_new_tokens} new tokens, measured in this run:"
+    )
     for mode, (tokens, seconds, forwards) in totals.items():
         tps = tokens / seconds
-        click.echo(f"  {mode:<7} {tps:6.1f} tok/s  speedup {tps / base:.2f}x  "
-                   f"{tokens / forwards:.2f} tokens/forward")
+        click.echo(
+            f"  {mode:<7} {tps:6.1f} tok/s  speedup {tps / base:.2f}x  "
+            f"{tokens / forwards:.2f} tokens/forward"
+        )
 
 
 @main.group()
 def train() -> None:
-    """Train MTP heads (and, later, predictors) on a frozen backbone."""
+    """Train MTP heads and the predictors that decide how many of their proposals to accept."""
 
 
 @train.command("heads")
-@click.option("--model", "-m", default=DEFAULT_MODEL, show_default=True)
+@MODEL
 @click.option(
     "--data",
     default="sharegpt,stdlib",

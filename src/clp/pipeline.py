@@ -113,8 +113,9 @@ def train_heads_pipeline(
 
 @torch.inference_mode()
 def head_overhead(heads: MTPHeads, backbone, repeats: int = 30) -> dict:
-    """Per-step cost of proposing with all heads, as a share of one bf16 backbone forward of
-    one token with a ~100-token cache (the decode step it rides on)."""
+    """Per-step cost of proposing with all heads, as a share of one backbone forward of one
+    token with a ~100-token cache (the decode step it rides on), both in the backbone's dtype;
+    with the reduced draft vocabulary and with the full one."""
     from clp.heads import frozen_weights
     from clp.runtime import TransformersRuntime
 
@@ -135,20 +136,19 @@ def head_overhead(heads: MTPHeads, backbone, repeats: int = 30) -> dict:
         rt.drop_last(1)
 
     base = timed(one_forward)
-    bf16 = MTPHeads(
-        heads.config, *frozen_weights(backbone, torch.bfloat16), draft_ids=heads.draft_ids
-    ).to(torch.bfloat16)
-    bf16.load_state_dict(heads.state_dict())
-    full = MTPHeads(heads.config, *frozen_weights(backbone, torch.bfloat16)).to(torch.bfloat16)
-    full.load_state_dict(heads.state_dict())
-    reduced_ms, full_ms = timed(lambda: bf16.propose(h, 42)), timed(lambda: full.propose(h, 42))
-    return {
+    result = {
+        "dtype": str(backbone.dtype).replace("torch.", ""),
         "backbone_forward_ms": round(base * 1e3, 2),
-        "heads_ms": round(reduced_ms * 1e3, 2),
-        "heads_share": round(reduced_ms / base, 4),
-        "heads_full_vocab_ms": round(full_ms * 1e3, 2),
-        "heads_full_vocab_share": round(full_ms / base, 4),
     }
+    for label, draft_ids in (("heads", heads.draft_ids), ("heads_full_vocab", None)):
+        copy = MTPHeads(
+            heads.config, *frozen_weights(backbone, backbone.dtype), draft_ids=draft_ids
+        ).to(backbone.dtype)
+        copy.load_state_dict(heads.state_dict())
+        ms = timed(lambda c=copy: c.propose(h, 42))
+        result[f"{label}_ms"] = round(ms * 1e3, 2)
+        result[f"{label}_share"] = round(ms / base, 4)
+    return result
 
 
 def train_predictors_pipeline(

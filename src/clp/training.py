@@ -103,8 +103,7 @@ def train_heads(
     while step < total:
         pick = rows.index[order[step * batch_size : (step + 1) * batch_size]]
         hidden, tokens, targets = rows.batch(pick)
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            logits = heads(hidden, tokens)
+        logits = heads(hidden.float(), tokens)
         loss = _loss(logits, to_draft[targets])
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -172,9 +171,9 @@ def evaluate_heads(
     coverage = 0
     for b in range(0, len(index), batch_size):
         hidden, tokens, targets = rows.batch(index[b : b + batch_size])
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            tf_logits = heads(hidden, tokens)
-            chained = _chained_ids(heads, hidden, tokens[:, 0])
+        hidden = hidden.float()
+        tf_logits = heads(hidden, tokens)
+        chained = _chained_ids(heads, hidden, tokens[:, 0])
         all_right = torch.ones(len(targets), dtype=torch.bool)
         for j in range(k):
             top3 = heads.draft_ids[tf_logits[j].float().topk(3, dim=-1).indices]

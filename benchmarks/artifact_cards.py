@@ -1,0 +1,66 @@
+"""Print the held-out metrics recorded in committed artifacts as Markdown (for artifacts/README.md).
+
+    python benchmarks/artifact_cards.py artifacts/smollm2-135m artifacts/qwen2.5-coder-0.5b
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+
+def heads_card(folder: Path) -> list[str]:
+    cfg = json.loads((folder / "config.json").read_text())
+    t = cfg["training"]
+    h, d, o = t["heldout"], t["data"], t.get("overhead", {})
+    offsets = list(h["top1"])
+    lines = [
+        f"**{folder}** — `{cfg['arch']}` heads, k={cfg['k']}, {t['parameters']:,} trained "
+        f"parameters, draft vocabulary {cfg['draft_vocab_size'] or 'full'}; data: "
+        f"{d['mode']} on {', '.join(d['sources'])}, {d['train_docs']} documents = "
+        f"{d['train_tokens']:,} training tokens; {t['steps']} steps, {t['epochs']} epochs, "
+        f"{t['minutes']} min; held-out: {h['rows']:,} rows",
+        "",
+        "| offset | " + " | ".join(offsets) + " |",
+        "|---|" + "---|" * len(offsets),
+    ]
+    for m in ("top1", "top3", "chained", "prefix"):
+        lines.append(f"| {m} | " + " | ".join(f"{h[m][x]:.3f}" for x in offsets) + " |")
+    lines.append("")
+    lines.append(f"Tokens per forward if verified: {h['tokens_per_forward_if_verified']}; "
+                 f"draft-vocabulary coverage of held-out targets: {h['draft_vocab_coverage']}.")
+    if o:
+        lines.append(f"Heads cost per step ({o.get('dtype', '?')}): {o['heads_ms']} ms = "
+                     f"{o['heads_share']:.1%} of one backbone forward ({o['backbone_forward_ms']} "
+                     f"ms); with the full vocabulary {o['heads_full_vocab_ms']} ms = "
+                     f"{o['heads_full_vocab_share']:.1%}.")
+    return lines
+
+
+def predictor_card(folder: Path, name: str) -> list[str]:
+    cfg = json.loads((folder / f"{name}.json").read_text())
+    r = cfg["training"]["heldout"]
+    lines = [f"**{cfg['kind']}** ({r['parameters']:,} parameters): label distribution L*=0..k "
+             f"{r['label_distribution']}"]
+    if "accuracy" in r:
+        lines[-1] += f"; accuracy {r['accuracy']} vs always-majority {r['majority_accuracy']}"
+    lines += ["", "| tau | mean accepted | wrong share |", "|---|---|---|"]
+    for tau, v in r["by_tau"].items():
+        lines.append(f"| {tau} | {v['mean_accepted']} | {v['wrong_share']} |")
+    return lines
+
+
+def main() -> None:
+    for arg in sys.argv[1:]:
+        folder = Path(arg)
+        print("\n".join(heads_card(folder)), "\n")
+        for name in ("clp", "clpplus", "gate"):
+            if (folder / f"{name}.json").is_file():
+                print("\n".join(predictor_card(folder, name)), "\n")
+        for sub in sorted(p for p in folder.iterdir() if (p / "config.json").is_file()):
+            print("\n".join(heads_card(sub)), "\n")
+
+
+if __name__ == "__main__":
+    main()
