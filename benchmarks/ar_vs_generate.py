@@ -51,18 +51,21 @@ def main() -> None:
 
     model = clp.load(args.model, args.dtype)
     prompts = [encode_prompt(model.tokenizer, p) for p in PROMPTS[: args.n]]
-    model.generate(prompts[0], max_new_tokens=8)  # warm-up both paths
-    hf_generate(model.backbone, prompts[0], 8)
+    for ids in prompts[:2]:  # warm-up both paths
+        model.generate(ids, max_new_tokens=8)
+        hf_generate(model.backbone, ids, 8)
 
     totals = {"clp_ar": [0, 0.0], "hf_generate": [0, 0.0]}
     for _ in range(args.rounds):
-        for ids in prompts:
-            r = model.generate(ids, max_new_tokens=args.max_new_tokens)
-            totals["clp_ar"][0] += r.stats.new_tokens
-            totals["clp_ar"][1] += r.stats.seconds
-            n, sec = hf_generate(model.backbone, ids, args.max_new_tokens)
-            totals["hf_generate"][0] += n
-            totals["hf_generate"][1] += sec
+        for i, ids in enumerate(prompts):
+            for runner in ("clp_ar", "hf_generate")[:: 1 if i % 2 == 0 else -1]:  # alternate
+                if runner == "clp_ar":
+                    r = model.generate(ids, max_new_tokens=args.max_new_tokens)
+                    n, sec = r.stats.new_tokens, r.stats.seconds
+                else:
+                    n, sec = hf_generate(model.backbone, ids, args.max_new_tokens)
+                totals[runner][0] += n
+                totals[runner][1] += sec
     tps = {k: n / s for k, (n, s) in totals.items()}
     result = {
         "model": args.model,

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
-from functools import cache
 from pathlib import Path
 
 from clp import policies
@@ -34,6 +33,7 @@ class Model:
         self.backbone = backbone
         self.runtime = TransformersRuntime(backbone)
         self.heads_dir = Path(heads_dir) if heads_dir else default_heads_dir(backbone.name)
+        self._loaded: dict = {}
 
     @property
     def tokenizer(self):
@@ -47,18 +47,24 @@ class Model:
             )
         return self.heads_dir / sub if sub else self.heads_dir
 
-    @cache  # noqa: B019 - one Model per backbone, loaded once
     def heads(self, sub: str = ""):
+        """The heads in ``heads_dir`` (or its ``sub`` folder), loaded once."""
         from clp.heads import load_heads
 
-        return load_heads(self._dir(sub), self.backbone)
+        if ("heads", sub) not in self._loaded:
+            self._loaded["heads", sub] = load_heads(self._dir(sub), self.backbone)
+        return self._loaded["heads", sub]
 
-    @cache  # noqa: B019
     def predictor(self, kind: str):
+        """The ``kind`` predictor saved beside the heads, loaded once."""
         from clp.features import fingerprint
         from clp.predictor import load_predictor
 
-        return load_predictor(self._dir(), kind, self.heads().config, fingerprint(self.backbone))
+        if kind not in self._loaded:
+            self._loaded[kind] = load_predictor(
+                self._dir(), kind, self.heads().config, fingerprint(self.backbone)
+            )
+        return self._loaded[kind]
 
     def policy(self, mode: str, tau: float | None = None) -> Policy:
         if mode not in MODES:
