@@ -31,7 +31,7 @@ def heads_card(folder: Path) -> list[str]:
     lines.append(f"Tokens per forward if verified: {h['tokens_per_forward_if_verified']}; "
                  f"draft-vocabulary coverage of held-out targets: {h['draft_vocab_coverage']}.")
     if o:
-        lines.append(f"Heads cost per step ({o.get('dtype', '?')}): {o['heads_ms']} ms = "
+        lines.append(f"Heads cost per step ({o.get('dtype', 'bf16 heads, fp32 backbone')}): {o['heads_ms']} ms = "
                      f"{o['heads_share']:.1%} of one backbone forward ({o['backbone_forward_ms']} "
                      f"ms); with the full vocabulary {o['heads_full_vocab_ms']} ms = "
                      f"{o['heads_full_vocab_share']:.1%}.")
