@@ -43,24 +43,14 @@ def label_rows(
     out: dict[str, list[torch.Tensor]] = {"hidden": [], "feats": [], "states": [], "right": []}
     for b in range(0, len(index), batch_size):
         hidden, tokens, targets = rows.batch(index[b : b + batch_size])
-        h = hidden.to(heads.lm_head.dtype)
         backbone_logits = lm_head(hidden.to(lm_head.weight.dtype)).float()
-        state, prev = h, tokens[:, 0]
-        head_logits, states, ids = [], [], []
-        for step in heads.steps:
-            if heads.config.arch == "chain":
-                state, normed = step(state, heads.embedding[prev].to(h.dtype))
-            else:
-                state = normed = step(h)
-            logits = heads._logits(normed).float()
-            prev = heads.draft_ids[logits.argmax(-1)]
-            head_logits.append(logits)
-            states.append(state.float())
-            ids.append(prev)
+        ids, head_logits, states = heads.chain(hidden.to(heads.lm_head.dtype), tokens[:, 0])
+        head_logits = [lg.float() for lg in head_logits]
+        states = [st.float() for st in states]
         out["hidden"].append(hidden.float())
         out["feats"].append(confidence_features(backbone_logits, head_logits))
         out["states"].append(torch.stack(states, 1))
-        out["right"].append(torch.stack(ids, 1) == targets)
+        out["right"].append(ids == targets)
     res = {key: torch.cat(v) for key, v in out.items()}
     right = res["right"].long()
     res["L"] = right.cumprod(1).sum(1)  # longest all-correct prefix

@@ -160,27 +160,33 @@ class MTPHeads(nn.Module):
                 out.append(self._logits(step(hidden)))
         return out
 
-    @torch.inference_mode()
-    def run(self, hidden: torch.Tensor, token: int, n: int | None = None):
-        """Greedy proposals of the first ``n`` heads (all by default), chained on their own
-        tokens, with each head's logits and output state. Proposals are token ids for
-        positions n+2, n+3, ... (n+1, ... for the competing ablation)."""
+    def chain(self, hidden: torch.Tensor, first_token: torch.Tensor, n: int | None = None):
+        """Greedy proposals of the first ``n`` heads (all by default) for a batch, each chain
+        head fed the previous head's token: ids [B, n] for positions n+2, n+3, ... (n+1, ...
+        for the competing ablation), with each head's logits and output state."""
         n = self.config.k if n is None else n
-        ids: list[int] = []
-        logits_out, states = [], []
-        state = hidden[None].to(self.lm_head.dtype)
-        prev = token
+        ids, logits_out, states = [], [], []
+        state, prev = hidden, first_token
         for step in self.steps[:n]:
             if self.config.arch == "chain":
-                state, normed = step(state, self.embedding[prev][None].to(state.dtype))
+                state, normed = step(state, self.embedding[prev].to(hidden.dtype))
             else:
-                state = normed = step(hidden[None].to(self.lm_head.dtype))
-            logits = self._logits(normed)[0]
-            prev = int(self.draft_ids[logits.argmax()])
+                state = normed = step(hidden)
+            logits = self._logits(normed)
+            prev = self.draft_ids[logits.argmax(-1)]
             ids.append(prev)
             logits_out.append(logits)
             states.append(state)
+        ids = torch.stack(ids, 1) if ids else torch.zeros((len(hidden), 0), dtype=torch.long)
         return ids, logits_out, states
+
+    @torch.inference_mode()
+    def run(self, hidden: torch.Tensor, token: int, n: int | None = None):
+        """``chain`` for one position, as decoding uses it: (ids, logits [V'], states [1, d])."""
+        ids, logits, states = self.chain(
+            hidden[None].to(self.lm_head.dtype), torch.tensor([token]), n
+        )
+        return ids[0].tolist(), [lg[0] for lg in logits], states
 
     def propose(self, hidden: torch.Tensor, token: int, n: int | None = None) -> list[int]:
         return self.run(hidden, token, n)[0]

@@ -40,8 +40,7 @@ def feature_caches(
         log(f"{split}: {len(docs)} documents -> {root / split}")
         t = time.perf_counter()
         c = build_cache(backbone, docs, root / split, spec, batch_size=batch_size)
-        rows = sum(1 for _ in c.shards())
-        log(f"{split}: cache ready ({rows} shards) in {time.perf_counter() - t:.0f}s")
+        log(f"{split}: cache ready ({len(c.shards())} shards) in {time.perf_counter() - t:.0f}s")
         caches[split] = c
     return caches
 

@@ -173,7 +173,7 @@ def evaluate_heads(
         hidden, tokens, targets = rows.batch(index[b : b + batch_size])
         hidden = hidden.float()
         tf_logits = heads(hidden, tokens)
-        chained = _chained_ids(heads, hidden, tokens[:, 0])
+        chained = heads.chain(hidden, tokens[:, 0])[0]
         all_right = torch.ones(len(targets), dtype=torch.bool)
         for j in range(k):
             top3 = heads.draft_ids[tf_logits[j].float().topk(3, dim=-1).indices]
@@ -194,19 +194,6 @@ def evaluate_heads(
     report["draft_vocab_coverage"] = round(float(coverage) / n, 4)
     report["tokens_per_forward_if_verified"] = round(1 + float(hits["prefix"].sum()) / n, 4)
     return report
-
-
-def _chained_ids(heads: MTPHeads, hidden: torch.Tensor, first_token: torch.Tensor) -> torch.Tensor:
-    """Batched version of ``MTPHeads.propose``: each head fed the previous head's argmax."""
-    if heads.config.arch != "chain":  # heads that read no tokens: chained = teacher-forced
-        logits = heads(hidden, first_token[:, None].expand(-1, heads.config.k))
-        return torch.stack([heads.draft_ids[lg.float().argmax(-1)] for lg in logits], 1)
-    ids, state, prev = [], hidden, first_token
-    for step in heads.steps:
-        state, normed = step(state, heads.embedding[prev].to(hidden.dtype))
-        prev = heads.draft_ids[heads._logits(normed).float().argmax(-1)]
-        ids.append(prev)
-    return torch.stack(ids, 1)
 
 
 def new_heads(config: HeadConfig, backbone, data: dict[str, torch.Tensor], draft_vocab: int):
