@@ -1,6 +1,6 @@
 """Print the held-out metrics recorded in committed artifacts as Markdown (for artifacts/README.md).
 
-    python benchmarks/artifact_cards.py artifacts/smollm2-135m artifacts/qwen2.5-coder-0.5b
+python benchmarks/artifact_cards.py artifacts/smollm2-135m artifacts/qwen2.5-coder-0.5b
 """
 
 from __future__ import annotations
@@ -28,21 +28,28 @@ def heads_card(folder: Path) -> list[str]:
     for m in ("top1", "top3", "chained", "prefix"):
         lines.append(f"| {m} | " + " | ".join(f"{h[m][x]:.3f}" for x in offsets) + " |")
     lines.append("")
-    lines.append(f"Tokens per forward if verified: {h['tokens_per_forward_if_verified']}; "
-                 f"draft-vocabulary coverage of held-out targets: {h['draft_vocab_coverage']}.")
+    lines.append(
+        f"Tokens per forward if verified: {h['tokens_per_forward_if_verified']}; "
+        f"draft-vocabulary coverage of held-out targets: {h['draft_vocab_coverage']}."
+    )
     if o:
-        lines.append(f"Heads cost per step ({o.get('dtype', 'bf16 heads, fp32 backbone')}): {o['heads_ms']} ms = "
-                     f"{o['heads_share']:.1%} of one backbone forward ({o['backbone_forward_ms']} "
-                     f"ms); with the full vocabulary {o['heads_full_vocab_ms']} ms = "
-                     f"{o['heads_full_vocab_share']:.1%}.")
+        lines.append(
+            f"Heads cost per step ({o.get('dtype', 'bf16 heads, fp32 backbone')}): "
+            f"{o['heads_ms']} ms = "
+            f"{o['heads_share']:.1%} of one backbone forward ({o['backbone_forward_ms']} "
+            f"ms); with the full vocabulary {o['heads_full_vocab_ms']} ms = "
+            f"{o['heads_full_vocab_share']:.1%}."
+        )
     return lines
 
 
 def predictor_card(folder: Path, name: str) -> list[str]:
     cfg = json.loads((folder / f"{name}.json").read_text())
     r = cfg["training"]["heldout"]
-    lines = [f"**{cfg['kind']}** ({r['parameters']:,} parameters): label distribution L*=0..k "
-             f"{r['label_distribution']}"]
+    lines = [
+        f"**{cfg['kind']}** ({r['parameters']:,} parameters): label distribution L*=0..k "
+        f"{r['label_distribution']}"
+    ]
     if "accuracy" in r:
         lines[-1] += f"; accuracy {r['accuracy']} vs always-majority {r['majority_accuracy']}"
     lines += ["", "| tau | mean accepted | wrong share |", "|---|---|---|"]

@@ -298,12 +298,12 @@ def train() -> None:
 )
 @click.option(
     "--batch-size",
-    default=16,
+    default=32,
     show_default=True,
     type=int,
     help="Prompts generated together during self-distillation.",
 )
-@click.option("--epochs", default=2.0, show_default=True, type=float)
+@click.option("--epochs", default=4.0, show_default=True, type=float)
 @click.option("--lr", default=1e-3, show_default=True, type=float)
 @click.option("--cache", default=None, help="Feature cache folder (default under $CLP_HOME).")
 @click.option("--out", required=True, help="Where to save the heads.")
