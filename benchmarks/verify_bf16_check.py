@@ -1,0 +1,57 @@
+"""Where `verify` and `ar` differ in bf16, re-run the prompt in fp32: a bf16 near-tie makes
+them agree there. Prints, per differing prompt, the first divergence and the fp32 verdict.
+
+    python benchmarks/verify_bf16_check.py --model qwen2.5-coder-0.5b --n 12 --max-new-tokens 64
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+import clp
+from clp.data import mtbench
+from clp.prompts import encode_prompt
+
+
+def first_divergence(a: list[int], b: list[int]) -> int:
+    return next(
+        (i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b))
+    )
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default=clp.DEFAULT_MODEL)
+    ap.add_argument("--n", type=int, default=12)
+    ap.add_argument("--max-new-tokens", type=int, default=64)
+    args = ap.parse_args()
+    bf16 = clp.load(args.model, "bf16")
+    prompts = [encode_prompt(bf16.tokenizer, d.prompt) for d in mtbench()[: args.n]]
+    differing = []
+    for i, ids in enumerate(prompts):
+        ar = bf16.generate(ids, max_new_tokens=args.max_new_tokens).token_ids
+        ver = bf16.generate(ids, mode="verify", max_new_tokens=args.max_new_tokens).token_ids
+        if ar != ver:
+            pos = first_divergence(ar, ver)
+            with torch.inference_mode():  # the bf16 margin of ar's choice at that position
+                rt = bf16.runtime
+                rt.reset()
+                h = rt.feed(ids + ar[:pos])[-1]
+                top2 = torch.softmax(rt.logits(h[None])[0], -1).topk(2).values
+            differing.append((i, pos, float(top2[0] - top2[1])))
+    print(f"bf16: verify differs from ar on {len(differing)} of {len(prompts)} prompts")
+    del bf16
+    fp32 = clp.load(args.model, "fp32")
+    for i, pos, margin in differing:
+        ar = fp32.generate(prompts[i], max_new_tokens=args.max_new_tokens).token_ids
+        ver = fp32.generate(prompts[i], mode="verify", max_new_tokens=args.max_new_tokens).token_ids
+        print(
+            f"prompt {i}: first bf16 divergence at token {pos}, bf16 top-1/top-2 probability "
+            f"gap there {margin:.4f}; fp32 verify == ar: {ar == ver}"
+        )
+
+
+if __name__ == "__main__":
+    main()
