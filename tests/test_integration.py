@@ -72,3 +72,43 @@ def test_verify_with_committed_heads_equals_ar_greedy(smollm2_fp32):
             accepted += sum(c for extra, c in ver.stats.accepted_lengths.items() if extra)
             eos += ver.stop_reason == "eos"
     assert accepted > 0 and eos > 0
+
+
+def test_bench_smoke_runs_everything_with_consistent_numbers(tmp_path):
+    """`clp bench --smoke`: every mode, both baselines and both sweeps on smollm2-135m."""
+    import json
+    import math
+
+    from click.testing import CliRunner
+
+    from clp.cli import SMOKE, main
+
+    torch.set_num_threads(2)
+    res = CliRunner().invoke(main, ["bench", "--smoke", "--out", str(tmp_path)])
+    assert res.exit_code == 0, res.output
+    r = json.loads((tmp_path / "results.json").read_text())
+    for key in ("model", "dtype", "prompts", "n", "max_new_tokens", "modes"):
+        assert key in r
+    assert (r["model"], r["n"], r["completed_prompts"]) == ("smollm2-135m", 3, 3)
+    for png in ("speed_vs_repetition", "acceptance_by_offset", "accepted_length_histogram"):
+        assert (tmp_path / f"{png}.png").stat().st_size > 1000
+    names = set(r["modes"])
+    assert set(SMOKE["modes"].split(",")) <= names
+    assert {"clp@tau=0.5", "clp+@tau=0.9", "mtp@k=1", "verify@k=1"} <= names
+    ar = r["modes"]["ar"]
+    for name, s in r["modes"].items():
+        for key in ("tokens_per_second", "speedup", "tokens_per_forward", "repetition_ratio",
+                    "repetition_delta", "backbone_nll", "distinct_2"):  # fmt: skip
+            assert math.isfinite(s[key]) and s[key] >= -1, (name, key)
+        assert s["speedup"] == pytest.approx(s["tokens_per_second"] / ar["tokens_per_second"], 1e-3)
+        assert s["tokens_per_second"] == pytest.approx(s["new_tokens"] / s["seconds"], 1e-3)
+        assert s["tokens_per_forward"] == pytest.approx(s["new_tokens"] / s["forward_passes"], 1e-3)
+        assert s["repetition_delta"] == pytest.approx(
+            s["repetition_ratio"] - ar["repetition_ratio"], abs=2e-4
+        )
+        assert 0 <= s["agreement_with_ar"]["common_prefix"] <= 1
+        assert all(0 <= v <= 1 for v in s["acceptance_by_offset"].values())
+    assert r["modes"]["mtp"]["tokens_per_forward"] == 3.0
+    if r["dtype"] == "float32":  # lossless paths equal ar exactly in fp32
+        for name in ("verify", "verify@k=1", "hf-generate", "prompt-lookup"):
+            assert r["modes"][name]["agreement_with_ar"]["identical"] == 1.0, name

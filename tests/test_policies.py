@@ -156,10 +156,15 @@ def test_bench_reports_every_mode_consistently(model, tmp_path):
     from clp import bench
 
     docs = [Document(f"b{i}", p, category="abc"[i % 3]) for i, p in enumerate(PROMPTS[:6])]
-    result = bench.run(model, ["mtp", "clp", "verify"], docs, max_new_tokens=12, tau=0.5)
-    bench.save(result, tmp_path)
+    chosen = bench.variants(["mtp", "clp", "verify"], tau=0.5, taus=[0.9], ks=[1, 2], heads_k=2)
+    assert [v.name for v in chosen] == [
+        "ar", "mtp", "clp", "verify", "clp@tau=0.9", "mtp@k=1", "verify@k=1"
+    ]  # fmt: skip
+    result = bench.run(model, chosen, docs, max_new_tokens=12, out=tmp_path, progress=False)
+    files = bench.save(result, tmp_path)
+    assert all(f.stat().st_size > 0 for f in files) and len(files) == 5  # json, md, 3 PNGs
     saved = json.loads((tmp_path / "results.json").read_text())
-    assert set(saved["modes"]) == {"ar", "mtp", "clp", "verify"}
+    assert list(saved["modes"]) == [v.name for v in chosen]
     ar = saved["modes"]["ar"]
     for mode, s in saved["modes"].items():
         for key in (
@@ -177,7 +182,36 @@ def test_bench_reports_every_mode_consistently(model, tmp_path):
         assert s["tokens_per_forward"] == pytest.approx(
             s["new_tokens"] / s["forward_passes"], rel=1e-3
         )
-    assert saved["modes"]["verify"]["agreement_with_ar"]["identical"] == 1.0
-    assert saved["modes"]["mtp"]["tokens_per_forward"] == 3.0
+    modes = saved["modes"]
+    assert modes["verify"]["agreement_with_ar"]["identical"] == 1.0
+    assert modes["verify@k=1"]["agreement_with_ar"]["identical"] == 1.0
+    assert list(modes["verify@k=1"]["acceptance_by_offset"]) == ["1"]
+    assert modes["mtp"]["tokens_per_forward"] == 3.0
+    assert modes["mtp@k=1"]["accepted_length_histogram"].keys() <= {"0", "1"}
     assert set(saved["by_category"]) == {"a", "b", "c"}
     assert "| verify |" in (tmp_path / "results.md").read_text()
+
+
+def test_bench_resumes_and_refuses_other_settings(model, tmp_path):
+    from clp import bench
+
+    docs = [Document(f"b{i}", p) for i, p in enumerate(PROMPTS[:4])]
+    chosen = bench.variants(["clp"])
+    bench.run(model, chosen, docs[:2], max_new_tokens=8, out=tmp_path, progress=False)
+    lines = (tmp_path / "runs.jsonl").read_text().splitlines()
+    (tmp_path / "runs.jsonl").write_text(lines[0] + "\n" + lines[1][:20])  # cut off mid-line
+    logs = []
+    result = bench.run(
+        model, chosen, docs[:2], max_new_tokens=8, out=tmp_path, progress=False, log=logs.append
+    )
+    assert logs == [f"resuming: 1 prompt runs already in {tmp_path / 'runs.jsonl'}"]
+    assert result["completed_prompts"] == 2
+    assert len((tmp_path / "runs.jsonl").read_text().splitlines()) == 2
+    with pytest.raises(ClpError, match="other settings"):
+        bench.run(model, chosen, docs, max_new_tokens=8, out=tmp_path, progress=False)
+    with pytest.raises(ClpError, match="unknown mode"):
+        bench.variants(["fast"])
+    with pytest.raises(ClpError, match="predictors trained for k=1"):
+        model.policy("clp", 0.5, k=1)
+    with pytest.raises(ClpError, match="cannot run the first 3"):
+        model.policy("mtp", k=3)

@@ -66,7 +66,9 @@ class Model:
             )
         return self._loaded[kind]
 
-    def policy(self, mode: str, tau: float | None = None) -> Policy:
+    def policy(self, mode: str, tau: float | None = None, k: int | None = None) -> Policy:
+        """The decoding policy of ``mode``; ``k`` runs only the first k heads (mtp and verify:
+        the predictors and the gate are trained for the heads' own k)."""
         if mode not in MODES:
             raise ClpError(f"unknown mode '{mode}'; available: {', '.join(MODES)}")
         if tau is not None and tau < 0:
@@ -76,6 +78,13 @@ class Model:
         if mode == "competing":
             return policies.Competing(self.heads("competing"))
         heads = self.heads()
+        if k is not None and k != heads.config.k:
+            if mode not in ("mtp", "verify") or (mode == "verify" and tau is not None):
+                raise ClpError(
+                    f"mode {mode} needs predictors trained for k={k}; only mtp and verify run "
+                    f"truncated heads (these have k={heads.config.k})"
+                )
+            heads = heads.truncated(k)
         if mode == "mtp":
             return policies.AcceptAll(heads)
         if mode == "gate":
@@ -92,6 +101,7 @@ class Model:
         prompt: str | list[int],
         mode: str = "ar",
         tau: float | None = None,
+        k: int | None = None,
         max_new_tokens: int = 128,
         temperature: float = 0.0,
         top_k: int = 0,
@@ -102,7 +112,7 @@ class Model:
         on_text: Callable[[str], None] | None = None,
     ) -> Result:
         """Decode a text prompt (chat-formatted unless ``raw``) or a list of token ids."""
-        policy = self.policy(mode, tau)
+        policy = self.policy(mode, tau, k)
         ids = prompt if isinstance(prompt, list) else encode_prompt(self.tokenizer, prompt, raw)
         return generate(
             self.runtime,

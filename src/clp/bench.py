@@ -1,21 +1,73 @@
 """Benchmark runs: every mode on the same prompts in one process, interleaved prompt by prompt
-after a warm-up, so speedups are ratios of numbers measured side by side."""
+after a warm-up, so speedups are ratios of numbers measured side by side (SPEC section 3).
+
+A run writes one line per prompt to ``DIR/runs.jsonl`` as it goes: an interrupted run resumes
+where it stopped (same settings), and creating ``DIR/PAUSE`` pauses it between prompts, so the
+machine can be borrowed without spoiling any timing.
+"""
 
 from __future__ import annotations
 
 import json
+import os
 import platform
 import time
 from collections import Counter, defaultdict
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import torch
 from tqdm import tqdm
 
-from clp.api import Model
+from clp.api import DEFAULT_TAU, MODES, Model
 from clp.data import Document, interleave, mtbench, user_files
 from clp.errors import ClpError
 from clp.metrics import backbone_nll, common_prefix_share, distinct_n, mean, repetition_ratio
 from clp.prompts import encode_prompt
+
+# What users would run instead, on the same prompts in the same process: transformers' greedy
+# model.generate, and its prompt-lookup decoding (drafts copied from the prompt, verified).
+BASELINES = ("hf-generate", "prompt-lookup")
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One timed configuration: a mode (or baseline) with its tau and horizon k."""
+
+    name: str
+    mode: str
+    tau: float | None = None
+    k: int | None = None  # heads truncated to their first k (None: all of them)
+
+
+def variants(
+    modes: list[str], tau: float | None = None, taus=(), ks=(), heads_k: int | None = None
+) -> list[Variant]:
+    """``ar`` first, then each mode at the main tau; then the tau sweep of ``clp`` / ``clp+``
+    and the k sweep of ``mtp`` / ``verify`` (heads truncated), each under its own name."""
+    bad = [m for m in modes if m not in MODES and m not in BASELINES]
+    if bad:
+        raise ClpError(
+            f"unknown mode(s) {', '.join(bad)}; available: {', '.join(MODES + BASELINES)}"
+        )
+    main_tau = DEFAULT_TAU if tau is None else tau
+    out = [Variant("ar", "ar")]
+    for m in modes:
+        if m != "ar":
+            out.append(Variant(m, m, main_tau if m in ("clp", "clp+") else None))
+    for t in taus:
+        out += [Variant(f"{m}@tau={t:g}", m, t) for m in ("clp", "clp+") if m in modes]
+    for k in ks:
+        if k != heads_k:
+            out += [Variant(f"{m}@k={k}", m, k=k) for m in ("mtp", "verify") if m in modes]
+    seen: set = set()
+    unique = []
+    for v in out:
+        if (v.mode, v.tau, v.k) not in seen:
+            seen.add((v.mode, v.tau, v.k))
+            unique.append(v)
+    return unique
 
 
 def load_prompts(source: str, n: int | None) -> list[Document]:
@@ -30,132 +82,241 @@ def load_prompts(source: str, n: int | None) -> list[Document]:
     return docs[:n] if n else docs
 
 
+@torch.inference_mode()
+def _hf_generate(model: Model, ids: list[int], max_new_tokens: int, lookup: int) -> dict:
+    """transformers' own generate (greedy, or prompt lookup when ``lookup`` > 0), timed, with
+    its forward passes counted by a hook."""
+    b = model.backbone
+    calls = [0]
+    hook = b.model.register_forward_pre_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
+    extra = {"prompt_lookup_num_tokens": lookup} if lookup else {}
+    try:
+        start = time.perf_counter()
+        out = b.model.generate(
+            torch.tensor([ids]),
+            attention_mask=torch.ones((1, len(ids)), dtype=torch.long),
+            do_sample=False,
+            max_new_tokens=max_new_tokens,
+            eos_token_id=sorted(b.eos_token_ids),
+            pad_token_id=b.tokenizer.pad_token_id or 0,
+            **extra,
+        )
+        seconds = time.perf_counter() - start
+    finally:
+        hook.remove()
+    new = out[0, len(ids) :].tolist()
+    return {"ids": new, "new_tokens": len(new), "seconds": seconds, "forward_passes": calls[0]}
+
+
+def run_one(model: Model, v: Variant, ids: list[int], max_new_tokens: int, lookup: int) -> dict:
+    """Generate once with variant ``v``; the record the summary is computed from."""
+    if v.mode == "hf-generate":
+        return _hf_generate(model, ids, max_new_tokens, 0)
+    if v.mode == "prompt-lookup":
+        return _hf_generate(model, ids, max_new_tokens, lookup)
+    res = model.generate(ids, mode=v.mode, tau=v.tau, k=v.k, max_new_tokens=max_new_tokens)
+    s = res.stats
+    return {
+        "ids": res.token_ids,
+        "new_tokens": s.new_tokens,
+        "seconds": s.seconds,
+        "forward_passes": s.forward_passes,
+        "accepted_lengths": {str(j): c for j, c in sorted(s.accepted_lengths.items())},
+        "offset_proposed": {str(j): c for j, c in sorted(s.offset_proposed.items())},
+        "offset_accepted": {str(j): c for j, c in sorted(s.offset_accepted.items())},
+    }
+
+
+class _Scorer:
+    """Backbone NLL of outputs, in fp32 (exact, and the same whatever dtype was timed); an
+    output identical to one already scored is not scored again."""
+
+    def __init__(self, model: Model):
+        b = model.backbone
+        if b.dtype == torch.float32:
+            self.backbone = b
+        else:
+            from clp.backbones import load_backbone
+
+            self.backbone = load_backbone(b.name, "fp32")
+        self.memo: dict[tuple, float] = {}
+
+    def __call__(self, prompt: list[int], output: list[int]) -> float:
+        key = (tuple(prompt), tuple(output))
+        if key not in self.memo:
+            self.memo[key] = round(backbone_nll(self.backbone, prompt, output), 5)
+        return self.memo[key]
+
+
 def run(
     model: Model,
-    modes: list[str],
+    chosen: list[Variant],
     prompts: list[Document],
     max_new_tokens: int,
-    tau: float | None = None,
+    out: str | Path,
     rounds: int = 1,
     nll: bool = True,
+    lookup_tokens: int = 3,
+    progress: bool = True,
+    log: Callable[[str], None] = print,
 ) -> dict:
-    if "ar" not in modes:
-        modes = ["ar", *modes]
-    for mode in modes:  # fail early on missing artifacts, before any timing
-        model.policy(mode, tau)
-    encoded = [encode_prompt(model.tokenizer, d.prompt) for d in prompts]
-    for mode in modes:  # warm-up: first calls pay for allocation and lazy loading
-        model.generate(encoded[0], mode=mode, tau=tau, max_new_tokens=16)
-    runs: dict[str, list[dict]] = defaultdict(list)
-    bar = tqdm(total=rounds * len(prompts) * len(modes), desc="bench", unit="run")
-    for r in range(rounds):
-        for i, (doc, ids) in enumerate(zip(prompts, encoded, strict=True)):
-            order = (
-                modes[i % len(modes) :] + modes[: i % len(modes)]
-            )  # rotate: no mode always first
-            for mode in order:
-                res = model.generate(ids, mode=mode, tau=tau, max_new_tokens=max_new_tokens)
-                runs[mode].append(
-                    {
-                        "prompt": i,
-                        "round": r,
-                        "category": doc.category,
-                        "ids": res.token_ids,
-                        "stats": res.stats,
-                    }
-                )
-                bar.update(1)
-    bar.close()
-    outputs = {m: {x["prompt"]: x["ids"] for x in rs if x["round"] == 0} for m, rs in runs.items()}
-    nlls = {}
-    if nll:
-        for mode in modes:
-            nlls[mode] = {
-                i: backbone_nll(model.backbone, encoded[i], ids) for i, ids in outputs[mode].items()
-            }
-    summary = {
-        mode: _summarise(rs, outputs[mode], outputs["ar"], nlls.get(mode))
-        for mode, rs in runs.items()
+    """Time every variant on every prompt (rotating their order), resuming from ``out``."""
+    if max_new_tokens <= 0:
+        raise ClpError(f"max_new_tokens must be > 0, got {max_new_tokens}")
+    if chosen[0].mode != "ar":
+        raise ClpError("the first variant must be ar: every speedup is against it")
+    for v in chosen:  # fail early on missing or mismatched artifacts, before any timing
+        if v.mode not in BASELINES:
+            model.policy(v.mode, v.tau, v.k)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    b = model.backbone
+    settings = {
+        "model": b.name,
+        "dtype": str(b.dtype).replace("torch.", ""),
+        "heads": _heads_id(model),
+        "prompts": sorted({d.id.split(":")[0] for d in prompts}),
+        "n": len(prompts),
+        "max_new_tokens": max_new_tokens,
+        "rounds": rounds,
+        "lookup_tokens": lookup_tokens,
+        "nll": nll,
+        "variants": [asdict(v) for v in chosen],
     }
-    tps_ar = summary["ar"]["tokens_per_second"]
-    for s in summary.values():
-        s["speedup"] = round(s["tokens_per_second"] / tps_ar, 4) if tps_ar else None
-        s["repetition_delta"] = round(s["repetition_ratio"] - summary["ar"]["repetition_ratio"], 4)
+    records = _resume(out, settings, log)
+    encoded = [encode_prompt(model.tokenizer, d.prompt) for d in prompts]
+    for v in chosen:  # warm-up: first calls pay for allocation and lazy loading
+        run_one(model, v, encoded[0], 16, lookup_tokens)
+    scorer = _Scorer(model) if nll else None
+    todo = [(r, i) for r in range(rounds) for i in range(len(prompts)) if (r, i) not in records]
+    bar = tqdm(total=len(todo), desc="bench", unit="prompt", disable=not progress)
+    with open(out / "runs.jsonl", "a") as f:
+        for r, i in todo:
+            while (out / "PAUSE").exists():
+                time.sleep(2)
+            rot = (i + r) % len(chosen)  # rotate: no variant always runs first
+            runs = {}
+            for v in chosen[rot:] + chosen[:rot]:
+                runs[v.name] = run_one(model, v, encoded[i], max_new_tokens, lookup_tokens)
+            if scorer and r == 0:
+                for rec in runs.values():
+                    rec["nll"] = scorer(encoded[i], rec["ids"])
+            records[r, i] = {"round": r, "prompt": i, "runs": runs}
+            f.write(json.dumps(records[r, i]) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+            bar.update(1)
+    bar.close()
+    return summarise(settings, records, prompts)
+
+
+def _heads_id(model: Model) -> str | None:
+    """Folder name and weights hash of the heads: the same artifacts resume a run from any
+    checkout path."""
+    if model.heads_dir is None or not (model.heads_dir / "model.safetensors").is_file():
+        return None
+    import hashlib
+
+    digest = hashlib.sha256((model.heads_dir / "model.safetensors").read_bytes()).hexdigest()
+    return f"{model.heads_dir.name} (sha256 {digest[:12]})"
+
+
+def _resume(out: Path, settings: dict, log) -> dict[tuple[int, int], dict]:
+    """Records of an earlier run with the same settings (a cut-off last line is dropped)."""
+    header, path = out / "run.json", out / "runs.jsonl"
+    if header.is_file():
+        if json.loads(header.read_text()) != settings:
+            raise ClpError(
+                f"{out} holds a benchmark run with other settings; use another --out folder"
+            )
+    else:
+        path.unlink(missing_ok=True)
+        header.write_text(json.dumps(settings, indent=1))
+    records = {}
+    if path.is_file():
+        good = []
+        for line in path.read_text().splitlines():
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                break
+            records[rec["round"], rec["prompt"]] = rec
+            good.append(line)
+        path.write_text("".join(x + "\n" for x in good))
+        if records:
+            log(f"resuming: {len(records)} prompt runs already in {path}")
+    return records
+
+
+def summarise(settings: dict, records: dict, prompts: list[Document]) -> dict:
+    """results.json: per variant (overall and per prompt category) every SPEC-3 measure."""
+    names = [v["name"] for v in settings["variants"]]
+    per: dict[str, list[dict]] = defaultdict(list)
+    for (r, i), rec in sorted(records.items()):
+        for name in names:
+            per[name].append({**rec["runs"][name], "round": r, "prompt": i})
+
+    def block(idx: set[int] | None) -> dict:
+        pick = {n: [x for x in per[n] if idx is None or x["prompt"] in idx] for n in names}
+        ar = {x["prompt"]: x["ids"] for x in pick["ar"] if x["round"] == 0}
+        summary = {n: _summarise(pick[n], ar) for n in names}
+        base = summary["ar"]
+        for s in summary.values():
+            tps = s["tokens_per_second"]
+            s["speedup"] = round(tps / base["tokens_per_second"], 4) if tps else 0.0
+            s["repetition_delta"] = round(s["repetition_ratio"] - base["repetition_ratio"], 4)
+        return summary
+
+    modes = block(None)
+    for v in settings["variants"]:
+        modes[v["name"]]["variant"] = {"mode": v["mode"], "tau": v["tau"], "k": v["k"]}
     categories = sorted({d.category for d in prompts})
     by_category = {}
     if len(categories) > 1:
         for cat in categories:
             idx = {i for i, d in enumerate(prompts) if d.category == cat}
-            cat_sum = {
-                m: _summarise(
-                    [x for x in rs if x["prompt"] in idx],
-                    {i: v for i, v in outputs[m].items() if i in idx},
-                    {i: v for i, v in outputs["ar"].items() if i in idx},
-                    None,
-                )
-                for m, rs in runs.items()
-            }
-            base = cat_sum["ar"]["tokens_per_second"]
-            by_category[cat] = {
-                m: {
-                    "tokens_per_second": s["tokens_per_second"],
-                    "speedup": round(s["tokens_per_second"] / base, 4),
-                    "tokens_per_forward": s["tokens_per_forward"],
-                    "repetition_ratio": s["repetition_ratio"],
-                }
-                for m, s in cat_sum.items()
-            }
-    b = model.backbone
+            keep = ("tokens_per_second", "speedup", "tokens_per_forward", "repetition_ratio")
+            by_category[cat] = {n: {key: s[key] for key in keep} for n, s in block(idx).items()}
     return {
-        "model": b.name,
-        "dtype": str(b.dtype).replace("torch.", ""),
-        "heads": str(model.heads_dir) if model.heads_dir else None,
-        "prompts": prompts[0].id.split(":")[0] if prompts else None,
-        "n": len(prompts),
-        "max_new_tokens": max_new_tokens,
-        "tau": tau,
-        "rounds": rounds,
+        **{k: settings[k] for k in ("model", "dtype", "heads", "n", "max_new_tokens", "rounds")},
+        "prompts": ",".join(settings["prompts"]),
+        "tau": next((v["tau"] for v in settings["variants"] if v["name"] == "clp"), None),
+        "lookup_tokens": settings["lookup_tokens"],
+        "completed_prompts": len({i for (_, i) in records}),
         "machine": {
             "processor": platform.processor() or platform.machine(),
             "cpu": _cpu_name(),
+            "threads": torch.get_num_threads(),
             "python": platform.python_version(),
+            "torch": torch.__version__,
         },
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "modes": summary,
+        "modes": modes,
         "by_category": by_category,
     }
 
 
-def _summarise(
-    rs: list[dict],
-    outputs: dict[int, list[int]],
-    ar: dict[int, list[int]],
-    nll: dict[int, float] | None,
-) -> dict:
-    tokens = sum(x["stats"].new_tokens for x in rs)
-    seconds = sum(x["stats"].seconds for x in rs)
-    forwards = sum(x["stats"].forward_passes for x in rs)
-    hist: Counter = Counter()
-    proposed: Counter = Counter()
-    accepted: Counter = Counter()
+def _summarise(rs: list[dict], ar: dict[int, list[int]]) -> dict:
+    tokens = sum(x["new_tokens"] for x in rs)
+    seconds = sum(x["seconds"] for x in rs)
+    forwards = sum(x["forward_passes"] for x in rs)
+    hist, proposed, accepted = Counter(), Counter(), Counter()
     for x in rs:
-        hist.update(x["stats"].accepted_lengths)
-        proposed.update(x["stats"].offset_proposed)
-        accepted.update(x["stats"].offset_accepted)
+        hist.update({int(j): c for j, c in x.get("accepted_lengths", {}).items()})
+        proposed.update({int(j): c for j, c in x.get("offset_proposed", {}).items()})
+        accepted.update({int(j): c for j, c in x.get("offset_accepted", {}).items()})
     steps = sum(hist.values())
     if proposed:  # verified: share of sent drafts at offset j that the backbone confirmed
         by_offset = {str(j): round(accepted[j] / proposed[j], 4) for j in sorted(proposed)}
-    else:  # unverified: share of steps that accepted a j-th extra token
-        top = max(hist, default=0)
-        by_offset = (
-            {
-                str(j): round(sum(c for e, c in hist.items() if e >= j) / steps, 4)
-                for j in range(1, top + 1)
-            }
-            if steps
-            else {}
-        )
-    same = [outputs[i] == ar.get(i) for i in outputs]
+    elif steps:  # unverified: share of steps that accepted a j-th extra token
+        by_offset = {
+            str(j): round(sum(c for e, c in hist.items() if e >= j) / steps, 4)
+            for j in range(1, max(hist) + 1)
+        }
+    else:  # external baselines report no per-step detail
+        by_offset = {}
+    outputs = {x["prompt"]: x["ids"] for x in rs if x["round"] == 0}
+    nlls = [x["nll"] for x in rs if x["round"] == 0 and "nll" in x]
     return {
         "tokens_per_second": round(tokens / seconds, 3) if seconds else 0.0,
         "tokens_per_forward": round(tokens / forwards, 4) if forwards else 0.0,
@@ -163,16 +324,16 @@ def _summarise(
         "forward_passes": forwards,
         "seconds": round(seconds, 3),
         "acceptance_by_offset": by_offset,
-        "accepted_length_histogram": {str(k): v for k, v in sorted(hist.items())},
+        "accepted_length_histogram": {str(j): c for j, c in sorted(hist.items())},
         "repetition_ratio": round(mean(repetition_ratio(v) for v in outputs.values()), 4),
         "distinct_2": round(mean(distinct_n(v) for v in outputs.values()), 4),
         "agreement_with_ar": {
-            "identical": round(mean(same), 4),
+            "identical": round(mean(v == ar.get(i) for i, v in outputs.items()), 4),
             "common_prefix": round(
                 mean(common_prefix_share(v, ar.get(i, [])) for i, v in outputs.items()), 4
             ),
         },
-        "backbone_nll": round(mean(nll.values()), 4) if nll else None,
+        "backbone_nll": round(mean(nlls), 4) if nlls else None,
     }
 
 
@@ -188,9 +349,10 @@ def _cpu_name() -> str:
 
 def markdown(result: dict) -> str:
     head = (
-        f"{result['model']}, {result['dtype']}, {result['n']} {result['prompts']} prompts, "
-        f"{result['max_new_tokens']} new tokens, tau={result['tau']}, "
-        f"CPU: {result['machine']['cpu']}\n\n"
+        f"{result['model']}, {result['dtype']}, {result['completed_prompts']} of {result['n']} "
+        f"{result['prompts']} prompts, {result['max_new_tokens']} new tokens, "
+        f"tau={result['tau']}, CPU: {result['machine']['cpu']} "
+        f"({result['machine']['threads']} threads)\n\n"
     )
     rows = [
         "| mode | tok/s | speedup | tokens/forward | acceptance by offset | seq-rep-4 (delta) "
@@ -210,8 +372,15 @@ def markdown(result: dict) -> str:
     return head + "\n".join(rows) + "\n"
 
 
-def save(result: dict, out: str | Path) -> None:
+def save(result: dict, out: str | Path, plots: bool = True) -> list[Path]:
+    """results.json, results.md and (unless disabled) the PNG plots; returns the files."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(result, indent=1))
     (out / "results.md").write_text(markdown(result))
+    files = [out / "results.json", out / "results.md"]
+    if plots:
+        from clp.plots import plot_all
+
+        files += plot_all(result, out)
+    return files

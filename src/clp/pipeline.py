@@ -26,20 +26,26 @@ def feature_caches(
     cache: str | None,
     log,
 ) -> dict[str, FeatureCache]:
-    """One cache per split ('heldout', 'calib', 'train'), built in that order. The document
-    order is stable, so a larger budget extends a cache instead of rebuilding it."""
-    spec = CacheSpec(data_mode, max_new_tokens=max_new_tokens)
-    key = hashlib.sha1(f"{sources}|{spec}".encode()).hexdigest()[:8]
-    root = Path(cache) if cache else clp_home() / "features" / backbone.name.replace("/", "--")
-    root = root / f"{data_mode}-{key}"
+    """One cache per split ('heldout', 'calib', 'train'), built in that order.
+
+    Only the train split follows ``data_mode``: held-out and calib are always self-distilled,
+    because the backbone's own continuations are what decoding sees (the truth for head
+    accuracy and for predictor labels). The document order is stable, so a larger budget
+    extends a cache instead of rebuilding it.
+    """
+    base = Path(cache) if cache else clp_home() / "features" / backbone.name.replace("/", "--")
     caches = {}
     for split, n in budgets.items():
+        mode = data_mode if split == "train" else "distill"
+        spec = CacheSpec(mode, max_new_tokens=max_new_tokens)
+        key = hashlib.sha1(f"{sources}|{spec}".encode()).hexdigest()[:8]
+        root = base / f"{spec.mode}-{key}" / split
         docs = interleave(sources, split, n)
         if not docs:
             raise ClpError(f"no {split} documents in {', '.join(sources)}")
-        log(f"{split}: {len(docs)} documents -> {root / split}")
+        log(f"{split}: {len(docs)} documents ({spec.mode}) -> {root}")
         t = time.perf_counter()
-        c = build_cache(backbone, docs, root / split, spec, batch_size=batch_size)
+        c = build_cache(backbone, docs, root, spec, batch_size=batch_size)
         log(f"{split}: cache ready ({len(c.shards())} shards) in {time.perf_counter() - t:.0f}s")
         caches[split] = c
     return caches
@@ -68,6 +74,7 @@ def train_heads_pipeline(
     lr: float,
     cache: str | None,
     out: str,
+    features_only: bool = False,
     log=print,
 ) -> dict:
     backbone = load_backbone(model, feature_dtype())
@@ -82,6 +89,8 @@ def train_heads_pipeline(
         cache,
         log,
     )
+    if features_only:
+        return {split: str(c.root) for split, c in caches.items()}
     train_data = caches["train"].load()
     heldout = caches["heldout"].load()
     config = HeadConfig(arch=arch, k=k, layers=layers)

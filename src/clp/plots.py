@@ -1,0 +1,106 @@
+"""PNG plots of a benchmark result: speed against repetition, acceptance by offset, and the
+accepted-length histogram."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only; no display on servers
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+def _title(result: dict) -> str:
+    return (
+        f"{result['model']} {result['dtype']}, {result['completed_prompts']} {result['prompts']} "
+        f"prompts x {result['max_new_tokens']} tokens (CPU)"
+    )
+
+
+def speed_vs_repetition(result: dict, path: Path) -> Path:
+    """Each variant as a point; the tau sweeps of clp and clp+ joined into curves."""
+    fig, ax = plt.subplots(figsize=(7, 5))
+    modes = result["modes"]
+    for family in ("clp", "clp+"):
+        pts = sorted(
+            (s["variant"]["tau"], s["repetition_delta"], s["speedup"])
+            for s in modes.values()
+            if s["variant"]["mode"] == family and s["variant"]["tau"] is not None
+        )
+        if len(pts) > 1:
+            ax.plot([p[1] for p in pts], [p[2] for p in pts], "-", alpha=0.5, label=family)
+            for tau, x, y in pts:
+                ax.annotate(f"tau={tau:g}", (x, y), fontsize=7, alpha=0.7)
+    for name, s in modes.items():
+        ax.scatter(s["repetition_delta"], s["speedup"], s=30)
+        ax.annotate(name, (s["repetition_delta"], s["speedup"]), fontsize=8)
+    ax.axhline(1.0, color="grey", lw=0.8, ls="--")
+    ax.axvline(0.0, color="grey", lw=0.8, ls="--")
+    ax.set_xlabel("repetition ratio (seq-rep-4) minus ar's")
+    ax.set_ylabel("speedup over ar (same run)")
+    ax.set_title(_title(result), fontsize=9)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def acceptance_by_offset(result: dict, path: Path) -> Path:
+    """Realised acceptance at each draft offset: one line per verified variant (the k sweep),
+    else per variant that accepts drafts."""
+    modes = result["modes"]
+    chosen = {n: s for n, s in modes.items() if s["variant"]["mode"] == "verify"}
+    chosen = chosen or {n: s for n, s in modes.items() if s["acceptance_by_offset"]}
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, s in chosen.items():
+        acc = s["acceptance_by_offset"]
+        if acc:
+            xs = [int(j) for j in acc]
+            ax.plot(xs, list(acc.values()), "o-", label=name)
+    ax.set_xlabel("draft offset j (token n+1+j)")
+    ax.set_ylabel("share accepted")
+    ax.set_ylim(0, 1)
+    ax.set_title(_title(result), fontsize=9)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def accepted_length_histogram(result: dict, path: Path) -> Path:
+    """Share of decode steps that kept L extra tokens, per mode (sweep variants left out)."""
+    modes = {n: s for n, s in result["modes"].items() if "@" not in n}
+    modes = {n: s for n, s in modes.items() if s["accepted_length_histogram"]}
+    top = max((int(j) for s in modes.values() for j in s["accepted_length_histogram"]), default=0)
+    fig, ax = plt.subplots(figsize=(7, 4))
+    width = 0.8 / max(1, len(modes))
+    for m, (name, s) in enumerate(modes.items()):
+        hist = s["accepted_length_histogram"]
+        steps = sum(hist.values()) or 1
+        xs = [length + m * width for length in range(top + 1)]
+        ax.bar(
+            xs, [hist.get(str(length), 0) / steps for length in range(top + 1)], width, label=name
+        )
+    ax.set_xticks([length + 0.4 - width / 2 for length in range(top + 1)], range(top + 1))
+    ax.set_xlabel("extra tokens kept per step (after the backbone's own)")
+    ax.set_ylabel("share of steps")
+    ax.set_title(_title(result), fontsize=9)
+    if modes:
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_all(result: dict, out: Path) -> list[Path]:
+    return [
+        speed_vs_repetition(result, out / "speed_vs_repetition.png"),
+        acceptance_by_offset(result, out / "acceptance_by_offset.png"),
+        accepted_length_histogram(result, out / "accepted_length_histogram.png"),
+    ]
