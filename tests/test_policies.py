@@ -207,6 +207,10 @@ def test_bench_resumes_and_refuses_other_settings(model, tmp_path):
     assert logs == [f"resuming: 1 prompt runs already in {tmp_path / 'runs.jsonl'}"]
     assert result["completed_prompts"] == 2
     assert len((tmp_path / "runs.jsonl").read_text().splitlines()) == 2
+    again = bench.run(
+        model, chosen, docs[:2], max_new_tokens=8, out=tmp_path, progress=False, report_only=True
+    )
+    assert again["modes"]["clp"]["new_tokens"] == result["modes"]["clp"]["new_tokens"]
     with pytest.raises(ClpError, match="other settings"):
         bench.run(model, chosen, docs, max_new_tokens=8, out=tmp_path, progress=False)
     with pytest.raises(ClpError, match="unknown mode"):

@@ -159,8 +159,10 @@ def run(
     lookup_tokens: int = 3,
     progress: bool = True,
     log: Callable[[str], None] = print,
+    report_only: bool = False,
 ) -> dict:
-    """Time every variant on every prompt (rotating their order), resuming from ``out``."""
+    """Time every variant on every prompt (rotating their order), resuming from ``out``;
+    ``report_only`` summarises what ``out`` holds without running anything."""
     if max_new_tokens <= 0:
         raise ClpError(f"max_new_tokens must be > 0, got {max_new_tokens}")
     if chosen[0].mode != "ar":
@@ -183,7 +185,11 @@ def run(
         "nll": nll,
         "variants": [asdict(v) for v in chosen],
     }
-    records = _resume(out, settings, log)
+    records = _resume(out, settings, log, repair=not report_only)
+    if report_only:
+        if not records:
+            raise ClpError(f"{out} holds no finished prompts to report")
+        return summarise(settings, records, prompts)
     encoded = [encode_prompt(model.tokenizer, d.prompt) for d in prompts]
     for v in chosen:  # warm-up: first calls pay for allocation and lazy loading
         run_one(model, v, encoded[0], 16, lookup_tokens)
@@ -221,8 +227,9 @@ def _heads_id(model: Model) -> str | None:
     return f"{model.heads_dir.name} (sha256 {digest[:12]})"
 
 
-def _resume(out: Path, settings: dict, log) -> dict[tuple[int, int], dict]:
-    """Records of an earlier run with the same settings (a cut-off last line is dropped)."""
+def _resume(out: Path, settings: dict, log, repair: bool = True) -> dict[tuple[int, int], dict]:
+    """Records of an earlier run with the same settings (a cut-off last line is dropped from
+    the file when ``repair``; a report leaves the file alone)."""
     header, path = out / "run.json", out / "runs.jsonl"
     if header.is_file():
         if json.loads(header.read_text()) != settings:
@@ -242,7 +249,8 @@ def _resume(out: Path, settings: dict, log) -> dict[tuple[int, int], dict]:
                 break
             records[rec["round"], rec["prompt"]] = rec
             good.append(line)
-        path.write_text("".join(x + "\n" for x in good))
+        if repair and len(good) < len(path.read_text().splitlines()):
+            path.write_text("".join(x + "\n" for x in good))
         if records:
             log(f"resuming: {len(records)} prompt runs already in {path}")
     return records

@@ -221,6 +221,11 @@ def _numbers(text: str, kind: type) -> list:
 @click.option("--no-nll", is_flag=True, help="Skip the backbone NLL of each output.")
 @click.option("--no-plots", is_flag=True, help="Skip the PNG plots.")
 @click.option(
+    "--report",
+    is_flag=True,
+    help="Only rebuild results and plots from what OUT holds (same settings; e.g. a cut-off run).",
+)
+@click.option(
     "--smoke",
     is_flag=True,
     help="Small run of everything on smollm2-135m (3 prompts, 24 tokens, both sweeps).",
@@ -255,6 +260,7 @@ def bench(**o) -> None:
         nll=not o["no_nll"],
         lookup_tokens=o["lookup_tokens"],
         log=lambda m: click.echo(m, err=True),
+        report_only=o["report"],
     )
     files = bench_mod.save(result, o["out"], plots=not o["no_plots"])
     click.echo(bench_mod.markdown(result))
