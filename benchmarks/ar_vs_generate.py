@@ -8,11 +8,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
-
-import torch
 
 import clp
+from clp.bench import hf_generate
 from clp.prompts import encode_prompt
 
 PROMPTS = [
@@ -25,19 +23,6 @@ PROMPTS = [
     "What is a closure in JavaScript?",
     "Write a bash one-liner that counts lines in all .py files.",
 ]
-
-
-def hf_generate(backbone, ids: list[int], max_new_tokens: int) -> tuple[int, float]:
-    start = time.perf_counter()
-    with torch.inference_mode():
-        out = backbone.model.generate(
-            torch.tensor([ids]),
-            do_sample=False,
-            max_new_tokens=max_new_tokens,
-            eos_token_id=sorted(backbone.eos_token_ids),
-            pad_token_id=backbone.tokenizer.pad_token_id or 0,
-        )
-    return out.shape[1] - len(ids), time.perf_counter() - start
 
 
 def main() -> None:
@@ -53,7 +38,7 @@ def main() -> None:
     prompts = [encode_prompt(model.tokenizer, p) for p in PROMPTS[: args.n]]
     for ids in prompts[:2]:  # warm-up both paths
         model.generate(ids, max_new_tokens=8)
-        hf_generate(model.backbone, ids, 8)
+        hf_generate(model, ids, 8, lookup=0)
 
     totals = {"clp_ar": [0, 0.0], "hf_generate": [0, 0.0]}
     for _ in range(args.rounds):
@@ -63,7 +48,8 @@ def main() -> None:
                     r = model.generate(ids, max_new_tokens=args.max_new_tokens)
                     n, sec = r.stats.new_tokens, r.stats.seconds
                 else:
-                    n, sec = hf_generate(model.backbone, ids, args.max_new_tokens)
+                    rec = hf_generate(model, ids, args.max_new_tokens, lookup=0)
+                    n, sec = rec["new_tokens"], rec["seconds"]
                 totals[runner][0] += n
                 totals[runner][1] += sec
     tps = {k: n / s for k, (n, s) in totals.items()}

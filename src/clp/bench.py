@@ -83,7 +83,7 @@ def load_prompts(source: str, n: int | None) -> list[Document]:
 
 
 @torch.inference_mode()
-def _hf_generate(model: Model, ids: list[int], max_new_tokens: int, lookup: int) -> dict:
+def hf_generate(model: Model, ids: list[int], max_new_tokens: int, lookup: int) -> dict:
     """transformers' own generate (greedy, or prompt lookup when ``lookup`` > 0), timed, with
     its forward passes counted by a hook."""
     b = model.backbone
@@ -111,9 +111,9 @@ def _hf_generate(model: Model, ids: list[int], max_new_tokens: int, lookup: int)
 def run_one(model: Model, v: Variant, ids: list[int], max_new_tokens: int, lookup: int) -> dict:
     """Generate once with variant ``v``; the record the summary is computed from."""
     if v.mode == "hf-generate":
-        return _hf_generate(model, ids, max_new_tokens, 0)
+        return hf_generate(model, ids, max_new_tokens, 0)
     if v.mode == "prompt-lookup":
-        return _hf_generate(model, ids, max_new_tokens, lookup)
+        return hf_generate(model, ids, max_new_tokens, lookup)
     res = model.generate(ids, mode=v.mode, tau=v.tau, k=v.k, max_new_tokens=max_new_tokens)
     s = res.stats
     return {
@@ -241,15 +241,15 @@ def _resume(out: Path, settings: dict, log, repair: bool = True) -> dict[tuple[i
         header.write_text(json.dumps(settings, indent=1))
     records = {}
     if path.is_file():
-        good = []
-        for line in path.read_text().splitlines():
+        good, lines = [], path.read_text().splitlines()
+        for line in lines:
             try:
                 rec = json.loads(line)
             except json.JSONDecodeError:
                 break
             records[rec["round"], rec["prompt"]] = rec
             good.append(line)
-        if repair and len(good) < len(path.read_text().splitlines()):
+        if repair and len(good) < len(lines):
             path.write_text("".join(x + "\n" for x in good))
         if records:
             log(f"resuming: {len(records)} prompt runs already in {path}")
