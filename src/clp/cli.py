@@ -38,6 +38,14 @@ DTYPE = click.option(
     show_default=True,
     help="bf16 or fp32; auto picks bf16 where the CPU computes it natively.",
 )
+RUNTIME = click.option(
+    "--runtime",
+    type=click.Choice(["transformers", "llama.cpp"]),
+    default="transformers",
+    show_default=True,
+    help="What runs the backbone under the decode loop; llama.cpp (bundled backbones, a bf16 "
+    "GGUF of the same weights) needs pip install 'clp-mtp[llama]'.",
+)
 HEADS = click.option(
     "--heads", default=None, help="Trained heads folder (default: committed artifacts)."
 )
@@ -60,8 +68,12 @@ def _quiet_transformers() -> None:
 @click.argument("prompt")
 @MODEL
 @DTYPE
+@RUNTIME
 @click.option(
-    "--mode", default="ar", show_default=True, help="ar, mtp, gate, clp, clp+, verify or competing."
+    "--mode",
+    default="ar",
+    show_default=True,
+    help="ar, mtp, gate, clp, clp+, verify, competing or lookup (prompt lookup, verified).",
 )
 @click.option(
     "--tau",
@@ -85,6 +97,7 @@ def generate(
     prompt,
     model,
     dtype,
+    runtime,
     mode,
     tau,
     heads,
@@ -107,7 +120,7 @@ def generate(
     if mode not in MODES:
         raise ClpError(f"unknown mode '{mode}'; available: {', '.join(MODES)}")
     _quiet_transformers()
-    m = load(model, dtype, heads)
+    m = load(model, dtype, heads, runtime)
 
     def stream(text: str) -> None:
         click.echo(text, nl=False)
@@ -167,7 +180,7 @@ def models() -> None:
 
 SMOKE = {  # the whole benchmark, small: smollm2-135m, every mode, baselines and both sweeps
     "model": "smollm2-135m",
-    "modes": "ar,mtp,gate,clp,clp+,verify,competing,hf-generate,prompt-lookup",
+    "modes": "ar,mtp,gate,clp,clp+,verify,competing,lookup,hf-generate,prompt-lookup",
     "prompts": "mtbench",
     "n": 3,
     "max_new_tokens": 24,
@@ -186,13 +199,14 @@ def _numbers(text: str, kind: type) -> list:
 @main.command()
 @MODEL
 @DTYPE
+@RUNTIME
 @HEADS
 @click.option(
     "--modes",
-    default="ar,mtp,gate,clp,clp+,verify,competing,hf-generate,prompt-lookup",
+    default="ar,mtp,gate,clp,clp+,verify,competing,lookup,hf-generate,prompt-lookup",
     show_default=True,
-    help="Decoding modes, and the baselines hf-generate (transformers greedy) and "
-    "prompt-lookup (transformers prompt-lookup decoding).",
+    help="Decoding modes (lookup: prompt-lookup decoding on our loop and runtime), and the "
+    "baselines hf-generate (transformers greedy) and prompt-lookup (transformers' own).",
 )
 @click.option(
     "--prompts",
@@ -215,7 +229,8 @@ def _numbers(text: str, kind: type) -> list:
     default=3,
     show_default=True,
     type=int,
-    help="prompt_lookup_num_tokens of the prompt-lookup baseline.",
+    help="Draft tokens of prompt lookup: the lookup mode and the prompt-lookup baseline "
+    "(transformers' prompt_lookup_num_tokens).",
 )
 @click.option("--rounds", default=1, show_default=True, type=int)
 @click.option("--no-nll", is_flag=True, help="Skip the backbone NLL of each output.")
@@ -244,7 +259,7 @@ def bench(**o) -> None:
     if o.pop("smoke"):
         o.update(SMOKE)
     _quiet_transformers()
-    model = load(o["model"], o["dtype"], o["heads"])
+    model = load(o["model"], o["dtype"], o["heads"], o["runtime"])
     modes = [m for m in o["modes"].split(",") if m]
     ks = _numbers(o["ks"], int)
     heads_k = model.heads().config.k if ks else None
@@ -277,13 +292,14 @@ DEMO_PROMPTS = [
 @main.command()
 @MODEL
 @DTYPE
+@RUNTIME
 @click.option("--max-new-tokens", "-n", default=64, show_default=True, type=int)
-def demo(model, dtype, max_new_tokens) -> None:
+def demo(model, dtype, runtime, max_new_tokens) -> None:
     """A few prompts through ar, clp and verify: the text, then each mode's speed."""
     from clp.api import load
 
     _quiet_transformers()
-    m = load(model, dtype)
+    m = load(model, dtype, runtime=runtime)
     modes = ["ar", "clp", "verify"] if m.heads_dir else ["ar"]
     if not m.heads_dir:
         click.echo(f"(no trained heads for {model}: showing ar only)", err=True)

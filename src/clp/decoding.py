@@ -236,7 +236,7 @@ def generate(
         committed = 0
         if policy.verifies and drafts:
             rows = hidden[-(len(drafts) + 1) :]
-            all_logits = runtime.logits(rows)
+            all_logits = runtime.logits(len(rows))
             kept, choices = _verify(drafts, all_logits, select)
             for j in range(1, len(drafts) + 1):
                 stats.offset_proposed[j] += 1
@@ -246,7 +246,7 @@ def generate(
             h, logits, token = rows[kept], all_logits[kept], choices[kept]
         else:
             h = hidden[-1]
-            logits = runtime.logits(h[None])[0]
+            logits = runtime.logits(1)[0]
             token = select(logits)
         drafts = []
         if not out.stop_reason:

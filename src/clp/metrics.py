@@ -17,15 +17,17 @@ def distinct_n(ids: list[int], n: int = 2) -> float:
     return len(set(grams)) / len(grams) if grams else 0.0
 
 
+def first_divergence(a: list[int], b: list[int]) -> int:
+    """Length of the common prefix of two token sequences."""
+    return next(
+        (i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b))
+    )
+
+
 def common_prefix_share(a: list[int], b: list[int]) -> float:
     """Length of the common prefix / length of the longer sequence (1.0 when identical)."""
-    n = 0
-    for x, y in zip(a, b, strict=False):
-        if x != y:
-            break
-        n += 1
     longest = max(len(a), len(b))
-    return n / longest if longest else 1.0
+    return first_divergence(a, b) / longest if longest else 1.0
 
 
 @torch.inference_mode()

@@ -125,25 +125,9 @@ def head_overhead(heads: MTPHeads, backbone, repeats: int = 30) -> dict:
     token with a ~100-token cache (the decode step it rides on), both in the backbone's dtype;
     with the reduced draft vocabulary and with the full one."""
     from clp.heads import frozen_weights
-    from clp.runtime import TransformersRuntime
+    from clp.runtime import TransformersRuntime, decode_step_forward, timed
 
-    rt = TransformersRuntime(backbone)
-    rt.reset()
-    rt.feed(list(range(100, 200)))
-    h = rt.feed([42])[-1]
-
-    def timed(fn) -> float:
-        fn()
-        t = time.perf_counter()
-        for _ in range(repeats):
-            fn()
-        return (time.perf_counter() - t) / repeats
-
-    def one_forward():
-        rt.feed([7])
-        rt.drop_last(1)
-
-    base = timed(one_forward)
+    base, h, _, _ = decode_step_forward(TransformersRuntime(backbone), repeats)
     result = {
         "dtype": str(backbone.dtype).replace("torch.", ""),
         "backbone_forward_ms": round(base * 1e3, 2),
@@ -153,7 +137,7 @@ def head_overhead(heads: MTPHeads, backbone, repeats: int = 30) -> dict:
             heads.config, *frozen_weights(backbone, backbone.dtype), draft_ids=draft_ids
         ).to(backbone.dtype)
         copy.load_state_dict(heads.state_dict())
-        ms = timed(lambda c=copy: c.propose(h, 42))
+        ms = timed(lambda c=copy: c.propose(h, 42), repeats)
         result[f"{label}_ms"] = round(ms * 1e3, 2)
         result[f"{label}_share"] = round(ms / base, 4)
     return result

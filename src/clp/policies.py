@@ -97,6 +97,26 @@ class Verified(Policy):
         return self.heads.propose(hidden, tokens[-1], n) if n != 0 else []
 
 
+class PromptLookup(Policy):
+    """``lookup``: prompt-lookup decoding as a baseline on the same loop and runtime — drafts
+    are the tokens that followed the latest n-gram's first earlier occurrence (longest n
+    first), checked by the backbone like ``verify``. No heads, nothing trained."""
+
+    name = "lookup"
+    verifies = True
+
+    def __init__(self, num_tokens: int = 3, max_ngram: int = 2):
+        self.num_tokens, self.max_ngram = num_tokens, max_ngram
+
+    def propose(self, hidden, tokens, logits):
+        for n in range(min(self.max_ngram, len(tokens) - 1), 0, -1):
+            tail = tokens[-n:]
+            for start in range(len(tokens) - n):
+                if tokens[start : start + n] == tail:
+                    return tokens[start + n : start + n + self.num_tokens]
+        return []
+
+
 class Competing(Policy):
     """``competing``: the ablation the paper warns against — a head, not the backbone,
     chooses token n+1, and the remaining heads follow it unverified."""

@@ -8,7 +8,9 @@ say) can back the same loop by implementing these few methods.
 
 from __future__ import annotations
 
+import time
 import types
+from collections.abc import Callable
 from typing import Protocol
 
 import torch
@@ -26,8 +28,8 @@ class Runtime(Protocol):
     def feed(self, tokens: list[int]) -> torch.Tensor:
         """Append tokens to the sequence; return their final hidden states, shape [n, d]."""
 
-    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Next-token logits (float32) for hidden states of shape [n, d]."""
+    def logits(self, last: int = 1) -> torch.Tensor:
+        """Next-token logits (float32) of the last ``last`` tokens of the latest feed: [last, V]."""
 
     def drop_last(self, n: int) -> None:
         """Remove the last n tokens from the cache (rejected drafts)."""
@@ -72,6 +74,7 @@ class TransformersRuntime:
         self.vocab_size = backbone.vocab_size
         self.cache = None
         self._length = 0
+        self._hidden: torch.Tensor | None = None
         if few_rows_linear and backbone.dtype == torch.float32:
             use_few_rows_linear(self.model)
 
@@ -86,11 +89,12 @@ class TransformersRuntime:
         ids = torch.tensor([tokens], dtype=torch.long)
         out = self.decoder(input_ids=ids, cache=self.cache, use_cache=True)
         self._length += len(tokens)
-        return out.last_hidden_state[0]
+        self._hidden = out.last_hidden_state[0]
+        return self._hidden
 
     @torch.inference_mode()
-    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        logits = self.lm_head(hidden).float()
+    def logits(self, last: int = 1) -> torch.Tensor:
+        logits = self.lm_head(self._hidden[-last:]).float()
         if self.softcap:
             logits = torch.tanh(logits / self.softcap) * self.softcap
         return logits
@@ -103,3 +107,28 @@ class TransformersRuntime:
     @property
     def length(self) -> int:
         return self._length
+
+
+def timed(fn: Callable[[], object], repeats: int = 30) -> float:
+    """Mean seconds of ``fn`` over ``repeats`` calls, after one warm-up call."""
+    fn()
+    start = time.perf_counter()
+    for _ in range(repeats):
+        fn()
+    return (time.perf_counter() - start) / repeats
+
+
+@torch.inference_mode()
+def decode_step_forward(runtime: Runtime, repeats: int = 30):
+    """Seconds of the forward a decode step rides on (one token after a ~100-token cache),
+    with that position's hidden state, logits and tokens: what per-step extras are timed on."""
+    tokens = list(range(100, 200)) + [42]
+    runtime.reset()
+    hidden = runtime.feed(tokens)[-1]
+    logits = runtime.logits(1)[0]
+
+    def one_forward():
+        runtime.feed([7])
+        runtime.drop_last(1)
+
+    return timed(one_forward, repeats), hidden, logits, tokens

@@ -1,0 +1,174 @@
+"""A llama.cpp runtime behind the same narrow interface as ``TransformersRuntime``.
+
+Why: on these CPUs transformers' bf16 forward costs about one full weight read per new token
+(2 tokens ~1.5x one, 4 tokens ~2.6x), so multi-token decoding cannot pay there; llama.cpp's
+batched kernels read the weights once per forward. The backbone's weights are the same: the
+packaged GGUF converted once to a bf16 GGUF (``ensure_gguf``). Heads and predictor still run
+in torch on the hidden states llama.cpp returns (after the final norm, what the LM head
+reads), and the loop gets the backbone's logits from the same forward.
+
+Needs the optional dependency ``llama-cpp-python`` (``pip install 'clp-mtp[llama]'``).
+"""
+
+from __future__ import annotations
+
+import ctypes
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from clp.backbones import BUNDLED, Backbone, cached_dir, ensure_converted, verified_gguf
+from clp.errors import ClpError
+
+GGUF_TYPES = {"bf16": 32, "f16": 1, "f32": 0}  # llama.cpp's LLAMA_FTYPE_* values
+
+
+def _llama():
+    try:
+        import llama_cpp
+    except ImportError as exc:
+        raise ClpError(
+            "the llama.cpp runtime needs llama-cpp-python: pip install 'clp-mtp[llama]' "
+            "(it compiles llama.cpp, about 10 minutes on 2 cores)"
+        ) from exc
+    return llama_cpp
+
+
+def _quiet(llama_cpp) -> None:
+    """Silence llama.cpp's log lines on stderr (errors still surface as return codes)."""
+    callback = llama_cpp.llama_log_callback(lambda level, text, data: None)
+    _quiet.keep = callback  # the C side keeps only a pointer
+    llama_cpp.llama_log_set(callback, ctypes.c_void_p(0))
+
+
+def ensure_gguf(name: str, gguf_type: str = "bf16") -> Path:
+    """A GGUF of a bundled backbone in ``gguf_type``, converted once from the packaged file."""
+    if name not in BUNDLED:
+        raise ClpError(
+            f"the llama.cpp runtime serves the bundled backbones ({', '.join(BUNDLED)}); "
+            f"got '{name}'"
+        )
+    if gguf_type not in GGUF_TYPES:
+        raise ClpError(f"unknown GGUF type '{gguf_type}'; choose from {', '.join(GGUF_TYPES)}")
+    target = cached_dir(name) / f"model-{gguf_type}.gguf"
+    if target.is_file():
+        return target
+    llama_cpp = _llama()
+    _quiet(llama_cpp)
+    ensure_converted(name)  # the tokenizer and the torch side come from here
+    tmp = target.with_suffix(".gguf.tmp")
+    with verified_gguf(BUNDLED[name]) as source:
+        params = llama_cpp.llama_model_quantize_default_params()
+        params.ftype = GGUF_TYPES[gguf_type]
+        params.allow_requantize = True
+        params.nthread = 2
+        code = llama_cpp.llama_model_quantize(str(source).encode(), str(tmp).encode(), params)
+    if code != 0:
+        tmp.unlink(missing_ok=True)
+        raise ClpError(f"llama.cpp could not convert {name} to {gguf_type} (code {code})")
+    tmp.replace(target)
+    return target
+
+
+class LlamaCppRuntime:
+    """One sequence on a llama.cpp context; returns final hidden states and keeps the logits."""
+
+    def __init__(self, backbone: Backbone, gguf: Path, threads: int = 2, context: int = 4096):
+        self.llama = llama = _llama()
+        _quiet(llama)
+        llama.llama_backend_init()
+        params = llama.llama_model_default_params()
+        self._model = llama.llama_model_load_from_file(str(gguf).encode(), params)
+        if not self._model:
+            raise ClpError(f"llama.cpp could not load {gguf}")
+        self.hidden_size = llama.llama_model_n_embd(self._model)
+        vocab = llama.llama_model_get_vocab(self._model)
+        self.vocab_size = llama.llama_vocab_n_tokens(vocab)
+        if (self.hidden_size, self.vocab_size) != (backbone.hidden_size, backbone.vocab_size):
+            raise ClpError(
+                f"{gguf} (d={self.hidden_size}, vocab {self.vocab_size}) is not the backbone "
+                f"'{backbone.name}' (d={backbone.hidden_size}, vocab {backbone.vocab_size})"
+            )
+        cparams = llama.llama_context_default_params()
+        cparams.n_ctx = context
+        cparams.n_batch = cparams.n_ubatch = 512
+        cparams.n_threads = cparams.n_threads_batch = threads
+        cparams.pooling_type = llama.LLAMA_POOLING_TYPE_NONE
+        cparams.embeddings = True
+        if backbone.dtype == torch.float32:  # exactness: keep the KV cache in f32 too
+            cparams.type_k = cparams.type_v = 0  # GGML_TYPE_F32
+        self._ctx = llama.llama_init_from_model(self._model, cparams)
+        if not self._ctx:
+            raise ClpError("llama.cpp could not create a context")
+        self.context = context
+        self._memory = llama.llama_get_memory(self._ctx)
+        self._batch = llama.llama_batch_init(512, 0, 1)
+        self.dtype = backbone.dtype
+        self._length = 0
+        self._logits: torch.Tensor | None = None
+
+    def __del__(self):
+        llama = getattr(self, "llama", None)
+        if llama is None:
+            return
+        if getattr(self, "_batch", None) is not None:
+            llama.llama_batch_free(self._batch)
+        if getattr(self, "_ctx", None):
+            llama.llama_free(self._ctx)
+        if getattr(self, "_model", None):
+            llama.llama_model_free(self._model)
+
+    def reset(self) -> None:
+        self.llama.llama_memory_clear(self._memory, True)
+        self._length = 0
+        self._logits = None
+
+    def _decode(self, tokens: list[int], outputs: bool) -> None:
+        batch = self._batch
+        for start in range(0, len(tokens), 512):
+            chunk = tokens[start : start + 512]
+            batch.n_tokens = len(chunk)
+            for i, token in enumerate(chunk):
+                batch.token[i] = token
+                batch.pos[i] = self._length + i
+                batch.n_seq_id[i] = 1
+                batch.seq_id[i][0] = 0
+                batch.logits[i] = outputs
+            self.llama.llama_set_embeddings(self._ctx, outputs)
+            code = self.llama.llama_decode(self._ctx, batch)
+            if code != 0:
+                raise ClpError(f"llama.cpp decode failed (code {code}) at position {self._length}")
+            self._length += len(chunk)
+
+    def feed(self, tokens: list[int]) -> torch.Tensor:
+        if self._length + len(tokens) > self.context:
+            raise ClpError(f"the sequence would exceed the runtime's context of {self.context}")
+        if len(tokens) > 512:  # a long prompt: only its last 512 tokens need outputs
+            self._decode(tokens[:-512], outputs=False)
+            tokens = tokens[-512:]
+        if self._length == 0 and len(tokens) > 1:  # prompt: one output row is enough
+            self._decode(tokens[:-1], outputs=False)
+            tokens = tokens[-1:]
+        self._decode(tokens, outputs=True)
+        n = len(tokens)
+        hidden = np.ctypeslib.as_array(
+            self.llama.llama_get_embeddings(self._ctx), shape=(n, self.hidden_size)
+        )
+        logits = np.ctypeslib.as_array(
+            self.llama.llama_get_logits(self._ctx), shape=(n, self.vocab_size)
+        )
+        self._logits = torch.from_numpy(logits.copy())
+        return torch.from_numpy(hidden.copy()).to(self.dtype)
+
+    def logits(self, last: int = 1) -> torch.Tensor:
+        return self._logits[-last:]
+
+    def drop_last(self, n: int) -> None:
+        if n > 0:
+            self._length -= n
+            self.llama.llama_memory_seq_rm(self._memory, 0, self._length, -1)
+
+    @property
+    def length(self) -> int:
+        return self._length
