@@ -235,3 +235,13 @@ def test_bench_resumes_and_refuses_other_settings(model, tmp_path):
         model.policy("clp", 0.5, k=1)
     with pytest.raises(ClpError, match="cannot run the first 3"):
         model.policy("mtp", k=3)
+
+
+def test_bench_prompt_subsets_spread_over_categories():
+    from clp import bench
+
+    docs = bench.load_prompts("mtbench", 16, every=5)
+    assert len(docs) == 16 and docs[1].id == bench.load_prompts("mtbench", None)[5].id
+    assert len({d.category for d in docs}) == 8
+    with pytest.raises(ClpError, match="--every must be >= 1"):
+        bench.load_prompts("mtbench", 4, every=0)

@@ -70,7 +70,11 @@ def variants(
     return unique
 
 
-def load_prompts(source: str, n: int | None) -> list[Document]:
+def load_prompts(source: str, n: int | None, every: int = 1) -> list[Document]:
+    """The first ``n`` prompts of ``source``, or of every ``every``-th one (a subset spread
+    over MT-Bench's categories, which come in blocks of ten)."""
+    if every < 1:
+        raise ClpError(f"--every must be >= 1, got {every}")
     if source == "mtbench":
         docs = mtbench()
     elif source == "sharegpt":
@@ -79,6 +83,7 @@ def load_prompts(source: str, n: int | None) -> list[Document]:
         docs = list(user_files(source))
     if not docs:
         raise ClpError(f"no prompts in {source}")
+    docs = docs[::every]
     return docs[:n] if n else docs
 
 
@@ -161,6 +166,7 @@ def run(
     progress: bool = True,
     log: Callable[[str], None] = print,
     report_only: bool = False,
+    every: int = 1,
 ) -> dict:
     """Time every variant on every prompt (rotating their order), resuming from ``out``;
     ``report_only`` summarises what ``out`` holds without running anything."""
@@ -187,6 +193,8 @@ def run(
         "nll": nll,
         "variants": [asdict(v) for v in chosen],
     }
+    if every > 1:  # which prompts: every k-th of the source
+        settings["every"] = every
     records = _resume(out, settings, log, repair=not report_only)
     if report_only:
         if not records:
@@ -294,6 +302,7 @@ def summarise(settings: dict, records: dict, prompts: list[Document]) -> dict:
         **{k: settings[k] for k in _HEADER},
         "prompts": ",".join(settings["prompts"]),
         "tau": next((v["tau"] for v in settings["variants"] if v["name"] == "clp"), None),
+        "every": settings.get("every", 1),
         "lookup_tokens": settings["lookup_tokens"],
         "completed_prompts": len({i for (_, i) in records}),
         "machine": {
@@ -364,7 +373,8 @@ def markdown(result: dict) -> str:
     head = (
         f"{result['model']}, {result['dtype']}, runtime {result.get('runtime', 'transformers')}, "
         f"{result['completed_prompts']} of {result['n']} "
-        f"{result['prompts']} prompts, {result['max_new_tokens']} new tokens, "
+        + (f"(every {result['every']}th) " if result.get("every", 1) > 1 else "")
+        + f"{result['prompts']} prompts, {result['max_new_tokens']} new tokens, "
         f"tau={result['tau']}, CPU: {result['machine']['cpu']} "
         f"({result['machine']['threads']} threads)\n\n"
     )

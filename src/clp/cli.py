@@ -215,6 +215,13 @@ def _numbers(text: str, kind: type) -> list:
     help="mtbench (first turns), sharegpt (held-out first turns) or a .txt/.jsonl file.",
 )
 @click.option("--n", default=None, type=int, help="Use the first N prompts (default: all).")
+@click.option(
+    "--every",
+    default=1,
+    show_default=True,
+    type=int,
+    help="Take every K-th prompt first (e.g. --every 5 --n 16: two per MT-Bench category).",
+)
 @click.option("--max-new-tokens", default=128, show_default=True, type=int)
 @click.option("--tau", default=None, type=float, help="tau of clp / clp+ (default 0.8).")
 @click.option("--taus", default="", help="tau sweep of clp and clp+, e.g. 0.5,0.7,0.9,0.95.")
@@ -264,7 +271,7 @@ def bench(**o) -> None:
     ks = _numbers(o["ks"], int)
     heads_k = model.heads().config.k if ks else None
     chosen = bench_mod.variants(modes, o["tau"], _numbers(o["taus"], float), ks, heads_k)
-    docs = bench_mod.load_prompts(o["prompts"], o["n"])
+    docs = bench_mod.load_prompts(o["prompts"], o["n"], o["every"])
     result = bench_mod.run(
         model,
         chosen,
@@ -276,6 +283,7 @@ def bench(**o) -> None:
         lookup_tokens=o["lookup_tokens"],
         log=lambda m: click.echo(m, err=True),
         report_only=o["report"],
+        every=o["every"],
     )
     files = bench_mod.save(result, o["out"], plots=not o["no_plots"])
     click.echo(bench_mod.markdown(result))
@@ -317,7 +325,7 @@ def demo(model, dtype, runtime, max_new_tokens) -> None:
                 click.echo(f"[{mode}] {r.text.strip()}")
     base = totals["ar"][0] / totals["ar"][1]
     click.echo(
-        f"\n{model} ({m.backbone.dtype}), {len(DEMO_PROMPTS)} prompts, "
+        f"\n{model} ({m.backbone.dtype}, {m.runtime_name}), {len(DEMO_PROMPTS)} prompts, "
         f"{max_new_tokens} new tokens, measured in this run:"
     )
     for mode, (tokens, seconds, forwards) in totals.items():
