@@ -94,7 +94,7 @@ def test_bench_smoke_runs_everything_with_consistent_numbers(tmp_path):
         assert (tmp_path / f"{png}.png").stat().st_size > 1000
     names = set(r["modes"])
     assert set(SMOKE["modes"].split(",")) <= names
-    assert {"clp@tau=0.5", "clp+@tau=0.9", "mtp@k=1", "verify@k=1"} <= names
+    assert {"clp@tau=0.5", "clp+@tau=0.9", "verify@tau=0.5", "mtp@k=1", "verify@k=1"} <= names
     ar = r["modes"]["ar"]
     for name, s in r["modes"].items():
         for key in ("tokens_per_second", "speedup", "tokens_per_forward", "repetition_ratio",
@@ -110,5 +110,13 @@ def test_bench_smoke_runs_everything_with_consistent_numbers(tmp_path):
         assert all(0 <= v <= 1 for v in s["acceptance_by_offset"].values())
     assert r["modes"]["mtp"]["tokens_per_forward"] == 3.0
     if r["dtype"] == "float32":  # lossless paths equal ar exactly in fp32
-        for name in ("verify", "verify@k=1", "hf-generate", "prompt-lookup"):
+        lossless = (
+            "verify",
+            "verify@k=1",
+            "verify@tau=0.5",
+            "lookup",
+            "hf-generate",
+            "prompt-lookup",
+        )
+        for name in lossless:
             assert r["modes"][name]["agreement_with_ar"]["identical"] == 1.0, name

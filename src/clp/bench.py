@@ -45,7 +45,8 @@ def variants(
     modes: list[str], tau: float | None = None, taus=(), ks=(), heads_k: int | None = None
 ) -> list[Variant]:
     """``ar`` first, then each mode at the main tau; then the tau sweep of ``clp`` / ``clp+``
-    and the k sweep of ``mtp`` / ``verify`` (heads truncated), each under its own name."""
+    (and of ``verify``, where the clp predictor decides how many drafts to send) and the k
+    sweep of ``mtp`` / ``verify`` (heads truncated), each under its own name."""
     bad = [m for m in modes if m not in MODES and m not in BASELINES]
     if bad:
         raise ClpError(
@@ -57,7 +58,7 @@ def variants(
         if m != "ar":
             out.append(Variant(m, m, main_tau if m in ("clp", "clp+") else None))
     for t in taus:
-        out += [Variant(f"{m}@tau={t:g}", m, t) for m in ("clp", "clp+") if m in modes]
+        out += [Variant(f"{m}@tau={t:g}", m, t) for m in ("clp", "clp+", "verify") if m in modes]
     for k in ks:
         if k != heads_k:
             out += [Variant(f"{m}@k={k}", m, k=k) for m in ("mtp", "verify") if m in modes]

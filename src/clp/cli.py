@@ -224,7 +224,12 @@ def _numbers(text: str, kind: type) -> list:
 )
 @click.option("--max-new-tokens", default=128, show_default=True, type=int)
 @click.option("--tau", default=None, type=float, help="tau of clp / clp+ (default 0.8).")
-@click.option("--taus", default="", help="tau sweep of clp and clp+, e.g. 0.5,0.7,0.9,0.95.")
+@click.option(
+    "--taus",
+    default="",
+    help="tau sweep of clp and clp+ (and of verify: the clp predictor picks how many drafts "
+    "to send), e.g. 0.5,0.7,0.9,0.95.",
+)
 @click.option(
     "--ks",
     default="",

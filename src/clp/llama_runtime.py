@@ -74,7 +74,7 @@ def ensure_gguf(name: str, gguf_type: str = "bf16") -> Path:
 class LlamaCppRuntime:
     """One sequence on a llama.cpp context; returns final hidden states and keeps the logits."""
 
-    def __init__(self, backbone: Backbone, gguf: Path, threads: int = 2, context: int = 4096):
+    def __init__(self, backbone: Backbone, gguf: Path, threads: int | None = None):
         self.llama = llama = _llama()
         _quiet(llama)
         llama.llama_backend_init()
@@ -90,6 +90,8 @@ class LlamaCppRuntime:
                 f"{gguf} (d={self.hidden_size}, vocab {self.vocab_size}) is not the backbone "
                 f"'{backbone.name}' (d={backbone.hidden_size}, vocab {backbone.vocab_size})"
             )
+        context = min(backbone.context_length or 4096, 32768)
+        threads = threads or torch.get_num_threads()
         cparams = llama.llama_context_default_params()
         cparams.n_ctx = context
         cparams.n_batch = cparams.n_ubatch = 512
