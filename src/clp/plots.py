@@ -13,8 +13,9 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 def _title(result: dict) -> str:
     return (
-        f"{result['model']} {result['dtype']}, {result['completed_prompts']} {result['prompts']} "
-        f"prompts x {result['max_new_tokens']} tokens (CPU)"
+        f"{result['model']} {result['dtype']} on {result.get('runtime', 'transformers')}, "
+        f"{result['completed_prompts']} {result['prompts']} prompts x "
+        f"{result['max_new_tokens']} tokens (CPU)"
     )
 
 
@@ -49,10 +50,10 @@ def speed_vs_repetition(result: dict, path: Path) -> Path:
 
 
 def acceptance_by_offset(result: dict, path: Path) -> Path:
-    """Realised acceptance at each draft offset: one line per verified variant (the k sweep),
-    else per variant that accepts drafts."""
+    """Realised acceptance at each draft offset: one line per verified variant (the k sweep,
+    prompt lookup), else per variant that accepts drafts."""
     modes = result["modes"]
-    chosen = {n: s for n, s in modes.items() if s["variant"]["mode"] == "verify"}
+    chosen = {n: s for n, s in modes.items() if s["variant"]["mode"] in ("verify", "lookup")}
     chosen = chosen or {n: s for n, s in modes.items() if s["acceptance_by_offset"]}
     fig, ax = plt.subplots(figsize=(6, 4))
     for name, s in chosen.items():
@@ -60,6 +61,7 @@ def acceptance_by_offset(result: dict, path: Path) -> Path:
         if acc:
             xs = [int(j) for j in acc]
             ax.plot(xs, list(acc.values()), "o-", label=name)
+    ax.xaxis.get_major_locator().set_params(integer=True)
     ax.set_xlabel("draft offset j (token n+1+j)")
     ax.set_ylabel("share accepted")
     ax.set_ylim(0, 1)
