@@ -107,6 +107,8 @@ def test_bench_smoke_runs_everything_with_consistent_numbers(tmp_path):
             s["repetition_ratio"] - ar["repetition_ratio"], abs=2e-4
         )
         assert 0 <= s["agreement_with_ar"]["common_prefix"] <= 1
+        assert (s["policy_share"] is None) == (name in ("hf-generate", "prompt-lookup"))
+        assert s["policy_share"] is None or 0 <= s["policy_share"] < 1
         assert all(0 <= v <= 1 for v in s["acceptance_by_offset"].values())
     assert r["modes"]["mtp"]["tokens_per_forward"] == 3.0
     if r["dtype"] == "float32":  # lossless paths equal ar exactly in fp32

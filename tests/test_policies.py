@@ -118,6 +118,7 @@ def test_every_mode_stops_exactly_and_its_stats_add_up(model, mode, n):
     hist = r.stats.accepted_lengths
     assert sum((extra + 1) * c for extra, c in hist.items()) == n
     assert sum(hist.values()) == r.stats.forward_passes
+    assert 0 < r.stats.policy_seconds < r.stats.seconds  # heads + predictor, timed apart
 
 
 def test_unverified_modes_stop_at_a_stop_string_inside_a_span(model):
@@ -174,7 +175,7 @@ def test_bench_reports_every_mode_consistently(model, tmp_path):
     docs = [Document(f"b{i}", p, category="abc"[i % 3]) for i, p in enumerate(PROMPTS[:6])]
     chosen = bench.variants(["mtp", "clp", "verify"], tau=0.5, taus=[0.9], ks=[1, 2], heads_k=2)
     assert [v.name for v in chosen] == [
-        "ar", "mtp", "clp", "verify", "clp@tau=0.9", "mtp@k=1", "verify@k=1"
+        "ar", "mtp", "clp", "verify", "clp@tau=0.9", "verify@tau=0.9", "mtp@k=1", "verify@k=1"
     ]  # fmt: skip
     result = bench.run(model, chosen, docs, max_new_tokens=12, out=tmp_path, progress=False)
     files = bench.save(result, tmp_path)

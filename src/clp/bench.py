@@ -127,6 +127,7 @@ def run_one(model: Model, v: Variant, ids: list[int], max_new_tokens: int, looku
         "ids": res.token_ids,
         "new_tokens": s.new_tokens,
         "seconds": s.seconds,
+        "policy_seconds": s.policy_seconds,
         "forward_passes": s.forward_passes,
         "accepted_lengths": {str(j): c for j, c in sorted(s.accepted_lengths.items())},
         "offset_proposed": {str(j): c for j, c in sorted(s.offset_proposed.items())},
@@ -323,6 +324,12 @@ def _summarise(rs: list[dict], ar: dict[int, list[int]]) -> dict:
     tokens = sum(x["new_tokens"] for x in rs)
     seconds = sum(x["seconds"] for x in rs)
     forwards = sum(x["forward_passes"] for x in rs)
+    timed_policy = [x for x in rs if "policy_seconds" in x]  # not the external baselines
+    policy_share = (
+        sum(x["policy_seconds"] for x in timed_policy) / sum(x["seconds"] for x in timed_policy)
+        if timed_policy
+        else None
+    )
     hist, proposed, accepted = Counter(), Counter(), Counter()
     for x in rs:
         hist.update({int(j): c for j, c in x.get("accepted_lengths", {}).items()})
@@ -346,6 +353,7 @@ def _summarise(rs: list[dict], ar: dict[int, list[int]]) -> dict:
         "new_tokens": tokens,
         "forward_passes": forwards,
         "seconds": round(seconds, 3),
+        "policy_share": round(policy_share, 4) if policy_share is not None else None,
         "acceptance_by_offset": by_offset,
         "accepted_length_histogram": {str(j): c for j, c in sorted(hist.items())},
         "repetition_ratio": round(mean(repetition_ratio(v) for v in outputs.values()), 4),
@@ -381,18 +389,20 @@ def markdown(result: dict) -> str:
     )
     rows = [
         "| mode | tok/s | speedup | tokens/forward | acceptance by offset | seq-rep-4 (delta) "
-        "| distinct-2 | identical to ar | common prefix | NLL |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| distinct-2 | identical to ar | common prefix | NLL | policy time |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for mode, s in result["modes"].items():
         acc = ", ".join(f"{j}: {v:.2f}" for j, v in s["acceptance_by_offset"].items()) or "-"
         nll = f"{s['backbone_nll']:.3f}" if s["backbone_nll"] is not None else "-"
+        share = s.get("policy_share")
+        policy = f"{share:.1%}" if share is not None else "-"
         rows.append(
             f"| {mode} | {s['tokens_per_second']:.2f} | {s['speedup']:.3f}x | "
             f"{s['tokens_per_forward']:.3f} | {acc} | {s['repetition_ratio']:.4f} "
             f"({s['repetition_delta']:+.4f}) | {s['distinct_2']:.3f} | "
             f"{s['agreement_with_ar']['identical']:.2f} | "
-            f"{s['agreement_with_ar']['common_prefix']:.2f} | {nll} |"
+            f"{s['agreement_with_ar']['common_prefix']:.2f} | {nll} | {policy} |"
         )
     return head + "\n".join(rows) + "\n"
 

@@ -90,6 +90,7 @@ class Stats:
     new_tokens: int = 0
     forward_passes: int = 0
     seconds: float = 0.0
+    policy_seconds: float = 0.0  # spent in the policy (heads, predictor, gate), not the backbone
     prompt_tokens: int = 0
     accepted_lengths: Counter = field(default_factory=Counter)  # extra tokens kept per step
     offset_proposed: Counter = field(default_factory=Counter)  # draft offset j -> times sent
@@ -108,6 +109,7 @@ class Stats:
             "new_tokens": self.new_tokens,
             "forward_passes": self.forward_passes,
             "seconds": round(self.seconds, 4),
+            "policy_seconds": round(self.policy_seconds, 4),
             "tokens_per_second": round(self.tokens_per_second, 3),
             "tokens_per_forward": round(self.tokens_per_forward, 4),
             "prompt_tokens": self.prompt_tokens,
@@ -250,10 +252,14 @@ def generate(
             token = select(logits)
         drafts = []
         if not out.stop_reason:
+            tick = time.perf_counter()
             token = policy.first_token(h, token)
+            stats.policy_seconds += time.perf_counter() - tick
             committed += out.add([token])
         if not out.stop_reason:
+            tick = time.perf_counter()
             drafts = policy.propose(h, prompt_ids + out.ids, logits)
+            stats.policy_seconds += time.perf_counter() - tick
             if not policy.verifies:  # unverified drafts are final at once
                 committed += out.add(drafts)
         stats.accepted_lengths[committed - 1] += 1

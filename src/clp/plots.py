@@ -20,29 +20,33 @@ def _title(result: dict) -> str:
 
 
 def speed_vs_repetition(result: dict, path: Path) -> Path:
-    """Each variant as a point; the tau sweeps of clp and clp+ joined into curves."""
+    """Each variant as a point; the tau sweeps (clp, clp+, verify) joined into curves whose
+    points are labelled by tau alone, so a sweep stays readable."""
     fig, ax = plt.subplots(figsize=(7, 5))
     modes = result["modes"]
-    for family in ("clp", "clp+"):
+    on_curve = set()
+    for family in ("clp", "clp+", "verify"):
         pts = sorted(
-            (s["variant"]["tau"], s["repetition_delta"], s["speedup"])
-            for s in modes.values()
+            (s["variant"]["tau"], s["repetition_delta"], s["speedup"], name)
+            for name, s in modes.items()
             if s["variant"]["mode"] == family and s["variant"]["tau"] is not None
         )
         if len(pts) > 1:
-            ax.plot([p[1] for p in pts], [p[2] for p in pts], "-", alpha=0.5, label=family)
-            for tau, x, y in pts:
-                ax.annotate(f"tau={tau:g}", (x, y), fontsize=7, alpha=0.7)
+            line = ax.plot([p[1] for p in pts], [p[2] for p in pts], "o-", ms=4, label=family)
+            for tau, x, y, name in pts:
+                ax.annotate(f"{tau:g}", (x, y), fontsize=7, color=line[0].get_color())
+                on_curve.add(name)
     for name, s in modes.items():
-        ax.scatter(s["repetition_delta"], s["speedup"], s=30)
-        ax.annotate(name, (s["repetition_delta"], s["speedup"]), fontsize=8)
+        if name not in on_curve:
+            ax.scatter(s["repetition_delta"], s["speedup"], s=30, color="black")
+            ax.annotate(name, (s["repetition_delta"], s["speedup"]), fontsize=8)
     ax.axhline(1.0, color="grey", lw=0.8, ls="--")
     ax.axvline(0.0, color="grey", lw=0.8, ls="--")
     ax.set_xlabel("repetition ratio (seq-rep-4) minus ar's")
     ax.set_ylabel("speedup over ar (same run)")
     ax.set_title(_title(result), fontsize=9)
     if ax.get_legend_handles_labels()[0]:
-        ax.legend()
+        ax.legend(title="tau sweep", fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
