@@ -98,7 +98,7 @@ class LlamaCppRuntime:
         cparams.n_threads = cparams.n_threads_batch = threads
         cparams.pooling_type = llama.LLAMA_POOLING_TYPE_NONE
         cparams.embeddings = True
-        if backbone.dtype == torch.float32:  # exactness: keep the KV cache in f32 too
+        if backbone.dtype == torch.float32:  # fp32 all through: the KV cache too (default f16)
             cparams.type_k = cparams.type_v = 0  # GGML_TYPE_F32
         self._ctx = llama.llama_init_from_model(self._model, cparams)
         if not self._ctx:
