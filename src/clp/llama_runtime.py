@@ -146,12 +146,11 @@ class LlamaCppRuntime:
     def feed(self, tokens: list[int]) -> torch.Tensor:
         if self._length + len(tokens) > self.context:
             raise ClpError(f"the sequence would exceed the runtime's context of {self.context}")
-        if len(tokens) > 512:  # a long prompt: only its last 512 tokens need outputs
-            self._decode(tokens[:-512], outputs=False)
-            tokens = tokens[-512:]
-        if self._length == 0 and len(tokens) > 1:  # prompt: one output row is enough
-            self._decode(tokens[:-1], outputs=False)
-            tokens = tokens[-1:]
+        # a first feed (the prompt) needs only its last row; later feeds need every row
+        keep = 1 if self._length == 0 else min(len(tokens), 512)
+        if len(tokens) > keep:
+            self._decode(tokens[:-keep], outputs=False)
+            tokens = tokens[-keep:]
         self._decode(tokens, outputs=True)
         n = len(tokens)
         hidden = np.ctypeslib.as_array(

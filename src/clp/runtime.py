@@ -26,7 +26,8 @@ class Runtime(Protocol):
         """Forget the sequence: the next feed starts a new one."""
 
     def feed(self, tokens: list[int]) -> torch.Tensor:
-        """Append tokens to the sequence; return their final hidden states, shape [n, d]."""
+        """Append tokens to the sequence; return their final hidden states, shape [n, d]
+        (a runtime may return only the last row of the first feed, the prompt)."""
 
     def logits(self, last: int = 1) -> torch.Tensor:
         """Next-token logits (float32) of the last ``last`` tokens of the latest feed: [last, V]."""
