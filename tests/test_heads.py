@@ -87,6 +87,30 @@ def test_training_lowers_the_loss_and_raises_heldout_accuracy(plain, cache, arch
     assert after["top1"][last] > before["top1"][last] + 0.1, (before, after)
 
 
+def test_feature_loss_pulls_head_states_towards_the_backbones_hidden_states(plain, cache, tmp_path):
+    from clp.training import Rows
+
+    def state_error(heads) -> float:
+        rows = Rows(cache, heads.config)
+        hidden, tokens, _ = rows.batch(rows.index)
+        with torch.no_grad():
+            states = heads.states(hidden.float(), tokens)
+        truth = rows.target_states(rows.index)
+        return sum(float((s - t.float()).pow(2).mean()) for s, t in zip(states, truth))
+
+    errors = {}
+    for weight in (0.0, 1.0):
+        torch.manual_seed(0)
+        heads = new_heads(HeadConfig(arch="chain", k=2), plain, cache, draft_vocab=40)
+        info = train_heads(
+            heads, cache, tmp_path / str(weight), epochs=20, batch_size=32,
+            feature_loss=weight, log=lambda m: None,
+        )
+        assert info["feature_loss"] == weight
+        errors[weight] = state_error(heads)
+    assert errors[1.0] < errors[0.0] * 0.5, errors
+
+
 def test_save_load_round_trip_and_proposals(plain, cache, tmp_path):
     heads = new_heads(HeadConfig(arch="chain", k=3), plain, cache, draft_vocab=30)
     train_heads(heads, cache, tmp_path / "ckpt", epochs=2, batch_size=32, log=lambda m: None)

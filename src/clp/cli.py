@@ -399,6 +399,15 @@ def train() -> None:
 )
 @click.option("--epochs", default=4.0, show_default=True, type=float)
 @click.option("--lr", default=1e-3, show_default=True, type=float)
+@click.option(
+    "--feature-loss",
+    default=10.0,
+    show_default=True,
+    type=float,
+    help="Weight of EAGLE-style regression of each head's state onto the backbone's hidden "
+    "state (0: token cross-entropy only). On qwen 0.5b it raised chained n+3 accuracy by "
+    "1.6 points at equal data (artifacts/README.md).",
+)
 @click.option("--cache", default=None, help="Feature cache folder (default under $CLP_HOME).")
 @click.option("--out", required=True, help="Where to save the heads.")
 @click.option(

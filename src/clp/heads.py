@@ -159,19 +159,24 @@ class MTPHeads(nn.Module):
     def trainable_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
-    def _logits(self, state):
+    def draft_logits(self, state):
         return F.linear(state, self.lm_head.to(state.dtype))
 
     def forward(self, hidden: torch.Tensor, tokens: torch.Tensor) -> list[torch.Tensor]:
         """Draft-vocabulary logits of each head, teacher-forced: [B, V'] per head."""
+        return [self.draft_logits(s) for s in self.states(hidden, tokens)]
+
+    def states(self, hidden: torch.Tensor, tokens: torch.Tensor) -> list[torch.Tensor]:
+        """Each head's output state (what the LM head reads), teacher-forced: [B, d] per head.
+        Head j's state stands in for the backbone's hidden state one position before its token."""
         out = []
         state = hidden
         for j, step in enumerate(self.steps):
             if self.config.arch == "chain":
                 state, normed = step(state, self.embedding[tokens[:, j]].to(hidden.dtype))
-                out.append(self._logits(normed))
+                out.append(normed)
             else:
-                out.append(self._logits(step(hidden)))
+                out.append(step(hidden))
         return out
 
     def chain(self, hidden: torch.Tensor, first_token: torch.Tensor, n: int | None = None):
@@ -186,7 +191,7 @@ class MTPHeads(nn.Module):
                 state, normed = step(state, self.embedding[prev].to(hidden.dtype))
             else:
                 state = normed = step(hidden)
-            logits = self._logits(normed)
+            logits = self.draft_logits(normed)
             prev = self.draft_ids[logits.argmax(-1)]
             ids.append(prev)
             logits_out.append(logits)

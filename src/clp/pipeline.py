@@ -72,6 +72,7 @@ def train_heads_pipeline(
     batch_size: int,
     epochs: float,
     lr: float,
+    feature_loss: float,
     cache: str | None,
     out: str,
     features_only: bool = False,
@@ -99,7 +100,9 @@ def train_heads_pipeline(
         f"{arch} heads, k={k}: {heads.trainable_parameters():,} trainable parameters, "
         f"draft vocabulary {len(heads.draft_ids):,}, {len(train_data['doc']):,} training rows"
     )
-    info = train_heads(heads, train_data, out, epochs=epochs, lr=lr, log=log)
+    info = train_heads(
+        heads, train_data, out, epochs=epochs, lr=lr, feature_loss=feature_loss, log=log
+    )
     report = evaluate_heads(heads, heldout)
     info.update(
         data={

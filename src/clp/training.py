@@ -43,6 +43,10 @@ class Rows:
         targets = torch.stack([d["greedy"][rows + j + self.first] for j in range(self.k)], 1).long()
         return hidden, tokens, targets
 
+    def target_states(self, rows: torch.Tensor) -> list[torch.Tensor]:
+        """The backbone's hidden state each head's token is read from: [B, d] per head."""
+        return [self.data["hidden"][rows + j + self.first] for j in range(self.k)]
+
 
 def draft_vocabulary(greedy: torch.Tensor, size: int, vocab_size: int) -> torch.Tensor | None:
     """The ``size`` most frequent backbone tokens in the training data (None: full vocab)."""
@@ -67,15 +71,21 @@ def train_heads(
     lr: float = 1e-3,
     checkpoint_every: int = 200,
     seed: int = 0,
+    feature_loss: float = 0.0,
     log=print,
 ) -> dict:
-    """Train in place with AdamW and a cosine schedule; checkpoint and resume from ``out``."""
+    """Train in place with AdamW and a cosine schedule; checkpoint and resume from ``out``.
+
+    ``feature_loss`` > 0 adds EAGLE's feature regression: each head's output state is pulled
+    towards the backbone's own hidden state at the position its token is read from (smooth L1
+    on states scaled to unit RMS), a d-dimensional target per row instead of one token id."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     rows = Rows(data, heads.config)
     if len(rows.index) == 0:
         raise ClpError("the feature cache has no rows long enough for these heads")
     to_draft = _target_map(heads.draft_ids, heads.config.vocab_size)
+    scale = data["hidden"][:4096].float().pow(2).mean().sqrt().clamp(min=1e-6)
     steps_per_epoch = math.ceil(len(rows.index) / batch_size)
     total = max(1, int(epochs * steps_per_epoch))
     params = [p for p in heads.parameters() if p.requires_grad]
@@ -103,8 +113,13 @@ def train_heads(
     while step < total:
         pick = rows.index[order[step * batch_size : (step + 1) * batch_size]]
         hidden, tokens, targets = rows.batch(pick)
-        logits = heads(hidden.float(), tokens)
-        loss = _loss(logits, to_draft[targets])
+        states = heads.states(hidden.float(), tokens)
+        loss = _loss([heads.draft_logits(s) for s in states], to_draft[targets])
+        if feature_loss:
+            truth = rows.target_states(pick)
+            loss = loss + feature_loss * sum(
+                F.smooth_l1_loss(s / scale, t.float() / scale) for s, t in zip(states, truth)
+            )
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -134,6 +149,7 @@ def train_heads(
         "epochs": epochs,
         "batch_size": batch_size,
         "lr": lr,
+        "feature_loss": feature_loss,
         "rows": len(rows.index),
         "minutes": round((time.perf_counter() - start) / 60, 2),
         "first_loss": round(sum(losses[:20]) / max(1, len(losses[:20])), 4),
