@@ -96,15 +96,20 @@ def test_feature_loss_pulls_head_states_towards_the_backbones_hidden_states(plai
         with torch.no_grad():
             states = heads.states(hidden.float(), tokens)
         truth = rows.target_states(rows.index)
-        return sum(float((s - t.float()).pow(2).mean()) for s, t in zip(states, truth))
+        return sum(float((s - t.float()).pow(2).mean()) for s, t in zip(states, truth, strict=True))
 
     errors = {}
     for weight in (0.0, 1.0):
         torch.manual_seed(0)
         heads = new_heads(HeadConfig(arch="chain", k=2), plain, cache, draft_vocab=40)
         info = train_heads(
-            heads, cache, tmp_path / str(weight), epochs=20, batch_size=32,
-            feature_loss=weight, log=lambda m: None,
+            heads,
+            cache,
+            tmp_path / str(weight),
+            epochs=20,
+            batch_size=32,
+            feature_loss=weight,
+            log=lambda m: None,
         )
         assert info["feature_loss"] == weight
         errors[weight] = state_error(heads)

@@ -118,7 +118,8 @@ def train_heads(
         if feature_loss:
             truth = rows.target_states(pick)
             loss = loss + feature_loss * sum(
-                F.smooth_l1_loss(s / scale, t.float() / scale) for s, t in zip(states, truth)
+                F.smooth_l1_loss(s / scale, t.float() / scale)
+                for s, t in zip(states, truth, strict=True)
             )
         opt.zero_grad(set_to_none=True)
         loss.backward()
