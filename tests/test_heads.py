@@ -7,7 +7,7 @@ import torch
 
 from clp.data import Document
 from clp.errors import ClpError
-from clp.features import CacheSpec, FeatureCache, build_cache
+from clp.features import CacheSpec, FeatureCache, build_cache, first_tokens
 from clp.heads import HeadConfig, load_heads, save_heads
 from clp.training import evaluate_heads, new_heads, train_heads
 
@@ -67,6 +67,16 @@ def test_interrupted_cache_resumes_without_recomputing_or_losing_shards(
     fresh = build_cache(plain, docs(16), tmp_path / "fresh", SPEC, batch_size=4).load()
     for key in ("greedy", "next", "doc"):
         assert torch.equal(full[key], fresh[key])
+
+
+def test_token_budget_keeps_leading_whole_documents(cache):
+    doc = cache["doc"]
+    first_two = int((doc <= doc.unique()[1]).sum())
+    cut = first_tokens(cache, first_two + 1)
+    assert len(cut["doc"]) == first_two
+    assert set(cut["doc"].tolist()) == set(doc.unique()[:2].tolist())
+    assert all(len(v) == first_two for v in cut.values())
+    assert first_tokens(cache, 0) is cache and first_tokens(cache, len(doc)) is cache
 
 
 def test_a_cache_built_differently_is_refused(plain, tmp_path):

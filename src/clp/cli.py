@@ -374,6 +374,14 @@ def train() -> None:
 )
 @click.option("--train-docs", default=2000, show_default=True, type=int)
 @click.option(
+    "--train-tokens",
+    default=0,
+    show_default=True,
+    type=int,
+    help="Train on the leading whole documents holding at most this many tokens (0: all); "
+    "compares data modes at equal tokens without rebuilding caches.",
+)
+@click.option(
     "--heldout-docs", default=96, show_default=True, type=int, help="Documents for evaluation only."
 )
 @click.option(

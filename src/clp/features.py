@@ -95,6 +95,16 @@ class FeatureCache:
         return {k: torch.cat(v) for k, v in parts.items()}
 
 
+def first_tokens(data: dict[str, torch.Tensor], budget: int) -> dict[str, torch.Tensor]:
+    """The leading whole documents of a loaded cache holding at most ``budget`` rows, so that
+    heads trained on different caches (self-distilled vs real text) can see equal tokens."""
+    doc = data["doc"]
+    if budget <= 0 or budget >= len(doc):
+        return data
+    cut = int((doc < doc[budget]).sum())
+    return {k: v[:cut] for k, v in data.items()}
+
+
 def _atomic_write_text(path: Path, text: str) -> None:
     tmp = path.with_suffix(".tmp")
     tmp.write_text(text)

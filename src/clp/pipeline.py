@@ -11,7 +11,7 @@ import torch
 from clp.backbones import clp_home, cpu_has_fast_bf16, load_backbone
 from clp.data import interleave
 from clp.errors import ClpError
-from clp.features import CacheSpec, FeatureCache, build_cache
+from clp.features import CacheSpec, FeatureCache, build_cache, first_tokens
 from clp.heads import HeadConfig, MTPHeads
 from clp.training import evaluate_heads, finish, new_heads, train_heads
 
@@ -66,6 +66,7 @@ def train_heads_pipeline(
     layers: int,
     draft_vocab: int,
     train_docs: int,
+    train_tokens: int,
     heldout_docs: int,
     calib_docs: int,
     max_new_tokens: int,
@@ -92,7 +93,7 @@ def train_heads_pipeline(
     )
     if features_only:
         return {split: str(c.root) for split, c in caches.items()}
-    train_data = caches["train"].load()
+    train_data = first_tokens(caches["train"].load(), train_tokens)
     heldout = caches["heldout"].load()
     config = HeadConfig(arch=arch, k=k, layers=layers)
     heads = new_heads(config, backbone, train_data, draft_vocab)
@@ -110,6 +111,7 @@ def train_heads_pipeline(
             "mode": data_mode,
             "train_docs": train_docs,
             "train_tokens": int(len(train_data["doc"])),
+            "train_token_budget": train_tokens,
             "heldout_docs": heldout_docs,
             "heldout_tokens": int(len(heldout["doc"])),
             "caches": {split: str(c.root) for split, c in caches.items()},
