@@ -77,6 +77,8 @@ def test_token_budget_keeps_leading_whole_documents(cache):
     assert set(cut["doc"].tolist()) == set(doc.unique()[:2].tolist())
     assert all(len(v) == first_two for v in cut.values())
     assert first_tokens(cache, 0) is cache and first_tokens(cache, len(doc)) is cache
+    with pytest.raises(ClpError, match="smaller than the first document"):
+        first_tokens(cache, 1)
 
 
 def test_a_cache_built_differently_is_refused(plain, tmp_path):

@@ -102,6 +102,8 @@ def first_tokens(data: dict[str, torch.Tensor], budget: int) -> dict[str, torch.
     if budget <= 0 or budget >= len(doc):
         return data
     cut = int((doc < doc[budget]).sum())
+    if cut == 0:
+        raise ClpError(f"a budget of {budget} tokens is smaller than the first document")
     return {k: v[:cut] for k, v in data.items()}
 
 
