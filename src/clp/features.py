@@ -80,19 +80,24 @@ class FeatureCache:
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
         os.replace(tmp, self.shard_path(i))
 
-    def load(self) -> dict[str, torch.Tensor]:
-        """All shards concatenated; ``doc`` made unique across shards."""
+    def load(self, max_rows: int = 0) -> dict[str, torch.Tensor]:
+        """The shards concatenated, ``doc`` made unique across shards; with ``max_rows`` only
+        the leading whole documents holding at most that many rows (shards hold whole
+        documents, so reading stops once the budget is covered)."""
         parts: dict[str, list[torch.Tensor]] = {k: [] for k in KEYS}
-        offset = 0
+        offset = rows = 0
         for path in self.shards():
             with safe_open(str(path), "pt") as f:
                 for k in KEYS:
                     t = f.get_tensor(k)
                     parts[k].append(t + offset if k == "doc" else t)
             offset = int(parts["doc"][-1].max()) + 1 if parts["doc"][-1].numel() else offset
+            rows += len(parts["doc"][-1])
+            if 0 < max_rows <= rows:
+                break
         if not parts["hidden"]:
             raise ClpError(f"feature cache {self.root} has no shards yet")
-        return {k: torch.cat(v) for k, v in parts.items()}
+        return first_tokens({k: torch.cat(v) for k, v in parts.items()}, max_rows)
 
 
 def first_tokens(data: dict[str, torch.Tensor], budget: int) -> dict[str, torch.Tensor]:

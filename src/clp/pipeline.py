@@ -11,7 +11,7 @@ import torch
 from clp.backbones import clp_home, cpu_has_fast_bf16, load_backbone
 from clp.data import interleave
 from clp.errors import ClpError
-from clp.features import CacheSpec, FeatureCache, build_cache, first_tokens
+from clp.features import CacheSpec, FeatureCache, build_cache
 from clp.heads import HeadConfig, MTPHeads
 from clp.training import evaluate_heads, finish, new_heads, train_heads
 
@@ -93,7 +93,7 @@ def train_heads_pipeline(
     )
     if features_only:
         return {split: str(c.root) for split, c in caches.items()}
-    train_data = first_tokens(caches["train"].load(), train_tokens)
+    train_data = caches["train"].load(max_rows=train_tokens)
     heldout = caches["heldout"].load()
     config = HeadConfig(arch=arch, k=k, layers=layers)
     heads = new_heads(config, backbone, train_data, draft_vocab)
