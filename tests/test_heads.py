@@ -9,7 +9,7 @@ from clp.data import Document
 from clp.errors import ClpError
 from clp.features import CacheSpec, FeatureCache, build_cache, first_tokens
 from clp.heads import HeadConfig, load_heads, save_heads
-from clp.training import evaluate_heads, new_heads, train_heads
+from clp.training import evaluate_heads, new_heads, train_heads, warm_heads
 
 SPEC = CacheSpec("distill", docs_per_shard=4, max_new_tokens=24)
 
@@ -140,6 +140,26 @@ def test_save_load_round_trip_and_proposals(plain, cache, tmp_path):
     heads.to(torch.bfloat16).to(torch.float32)
     assert loaded.propose(h, int(cache["next"][5])) == heads.propose(h, int(cache["next"][5]))
     assert len(ids) == 3 and all(i in heads.draft_ids.tolist() for i in ids)
+
+
+def test_training_continues_from_saved_heads(plain, cache, tmp_path):
+    torch.manual_seed(0)
+    heads = new_heads(HeadConfig(arch="chain", k=2), plain, cache, draft_vocab=40)
+    first = train_heads(heads, cache, tmp_path / "a", epochs=20, batch_size=32, log=lambda m: None)
+    save_heads(heads, tmp_path / "h")
+    warm = warm_heads(tmp_path / "h", HeadConfig(arch="chain", k=2), plain, draft_vocab=40)
+    assert warm.training and all(p.requires_grad for p in warm.parameters())
+    assert torch.equal(warm.draft_ids, heads.draft_ids) and warm.config.training == {}
+    again = train_heads(warm, cache, tmp_path / "b", epochs=2, batch_size=32, log=lambda m: None)
+    # picks up where the first run ended (its loss), not where random heads start
+    assert again["first_loss"] < first["last_loss"] * 1.05 < first["first_loss"] * 0.8, (
+        first,
+        again,
+    )
+    with pytest.raises(ClpError, match=r"--k 2 \(asked 3\)"):
+        warm_heads(tmp_path / "h", HeadConfig(arch="chain", k=3), plain, draft_vocab=40)
+    with pytest.raises(ClpError, match=r"--arch chain \(asked medusa\)"):
+        warm_heads(tmp_path / "h", HeadConfig(arch="medusa", k=2), plain, draft_vocab=40)
 
 
 def test_loading_heads_onto_another_backbone_fails_clearly(plain, cache, tmp_path):

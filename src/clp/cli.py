@@ -419,6 +419,12 @@ def train() -> None:
 @click.option("--cache", default=None, help="Feature cache folder (default under $CLP_HOME).")
 @click.option("--out", required=True, help="Where to save the heads.")
 @click.option(
+    "--init",
+    default=None,
+    help="Start from these saved heads (same --arch/--k/--layers/--draft-vocab) instead of "
+    "random ones, e.g. to fine-tune text-trained heads on self-distilled data.",
+)
+@click.option(
     "--features-only",
     is_flag=True,
     help="Build (or extend) the feature caches and stop; training later reuses them.",

@@ -13,7 +13,7 @@ from clp.data import interleave
 from clp.errors import ClpError
 from clp.features import CacheSpec, FeatureCache, build_cache
 from clp.heads import HeadConfig, MTPHeads
-from clp.training import evaluate_heads, finish, new_heads, train_heads
+from clp.training import evaluate_heads, finish, new_heads, train_heads, warm_heads
 
 
 def feature_caches(
@@ -76,6 +76,7 @@ def train_heads_pipeline(
     feature_loss: float,
     cache: str | None,
     out: str,
+    init: str | None = None,
     features_only: bool = False,
     log=print,
 ) -> dict:
@@ -96,7 +97,11 @@ def train_heads_pipeline(
     train_data = caches["train"].load(max_rows=train_tokens)
     heldout = caches["heldout"].load()
     config = HeadConfig(arch=arch, k=k, layers=layers)
-    heads = new_heads(config, backbone, train_data, draft_vocab)
+    if init:
+        heads = warm_heads(init, config, backbone, draft_vocab)
+        log(f"starting from the heads at {init}")
+    else:
+        heads = new_heads(config, backbone, train_data, draft_vocab)
     log(
         f"{arch} heads, k={k}: {heads.trainable_parameters():,} trainable parameters, "
         f"draft vocabulary {len(heads.draft_ids):,}, {len(train_data['doc']):,} training rows"
@@ -115,6 +120,7 @@ def train_heads_pipeline(
             "heldout_docs": heldout_docs,
             "heldout_tokens": int(len(heldout["doc"])),
             "caches": {split: str(c.root) for split, c in caches.items()},
+            "init": _init_summary(init),
         },
         parameters=heads.trainable_parameters(),
         heldout=report,
@@ -122,6 +128,16 @@ def train_heads_pipeline(
     )
     finish(heads, out, info)
     return info
+
+
+def _init_summary(init: str | None) -> dict | None:
+    """What warm-started heads had already been trained on, so the data is fully recorded."""
+    if not init:
+        return None
+    from clp.heads import read_config
+
+    data = read_config(init).training.get("data", {})
+    return {"path": str(init), **{k: data.get(k) for k in ("mode", "train_docs", "train_tokens")}}
 
 
 @torch.inference_mode()

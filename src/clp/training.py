@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 import os
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -222,6 +223,36 @@ def new_heads(config: HeadConfig, backbone, data: dict[str, torch.Tensor], draft
     draft_ids = draft_vocabulary(data["greedy"], draft_vocab, backbone.vocab_size)
     config.draft_vocab_size = 0 if draft_ids is None else len(draft_ids)
     return MTPHeads(config, *frozen_weights(backbone, torch.float32), draft_ids=draft_ids)
+
+
+def warm_heads(init: str | Path, config: HeadConfig, backbone, draft_vocab: int) -> MTPHeads:
+    """Saved heads made trainable, to continue training on new data (e.g. self-distilled
+    after teacher-forced). They must be what was asked for: a silent switch of architecture
+    would train something else than the command says."""
+    from clp.heads import load_heads
+
+    heads = load_heads(init, backbone, torch.float32)
+    saved = heads.config
+    draft_vocab = 0 if draft_vocab >= backbone.vocab_size else draft_vocab
+    asked = {
+        "arch": config.arch,
+        "k": config.k,
+        "layers": config.layers,
+        "draft-vocab": draft_vocab,
+    }
+    have = {
+        "arch": saved.arch,
+        "k": saved.k,
+        "layers": saved.layers,
+        "draft-vocab": saved.draft_vocab_size,
+    }
+    diff = [f"--{key} {have[key]} (asked {asked[key]})" for key in asked if asked[key] != have[key]]
+    if diff:
+        raise ClpError(
+            f"heads at {init} have {', '.join(diff)}; pass the same options to train them further"
+        )
+    heads.config = replace(saved, training={})
+    return heads.train().requires_grad_(True)
 
 
 def finish(heads: MTPHeads, out: str | Path, info: dict) -> None:
