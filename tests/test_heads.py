@@ -81,6 +81,13 @@ def test_token_budget_keeps_leading_whole_documents(cache):
         first_tokens(cache, 1)
 
 
+def test_a_smaller_run_reads_only_its_documents_from_a_larger_cache(plain, tmp_path):
+    build_cache(plain, docs(12), tmp_path, SPEC, batch_size=4)
+    small = build_cache(plain, docs(8), tmp_path, SPEC, batch_size=4)
+    assert len(small.shards()) == 2 and FeatureCache(tmp_path).meta["documents"] == 12
+    assert len(small.load()["doc"].unique()) == 8
+
+
 def test_a_cache_built_differently_is_refused(plain, tmp_path):
     build_cache(plain, docs(4), tmp_path, SPEC)
     other = CacheSpec("distill", docs_per_shard=8, max_new_tokens=24)

@@ -45,14 +45,21 @@ class CacheSpec:
 
 
 class FeatureCache:
-    def __init__(self, root: str | Path):
+    """Shards of rows on disk. ``limit`` reads only the first shards: a cache extended for a
+    larger run may hold more documents than this run asked for."""
+
+    def __init__(self, root: str | Path, limit: int | None = None):
         self.root = Path(root)
+        self.limit = limit
 
     def shard_path(self, i: int) -> Path:
         return self.root / f"shard-{i:05d}.safetensors"
 
     def shards(self) -> list[Path]:
-        return sorted(self.root.glob("shard-*.safetensors"))
+        paths = sorted(self.root.glob("shard-*.safetensors"))
+        if self.limit is None:
+            return paths
+        return [p for p in paths if int(p.stem.removeprefix("shard-")) < self.limit]
 
     @property
     def meta(self) -> dict:
@@ -73,6 +80,7 @@ class FeatureCache:
                     f"{self.root} holds a cache built differently (backbone, mode or shard size);"
                     " use another folder"
                 )
+            meta = {**meta, "documents": max(meta["documents"], old.get("documents", 0))}
         _atomic_write_text(path, json.dumps(meta, indent=1))
 
     def write_shard(self, i: int, tensors: dict[str, torch.Tensor]) -> None:
@@ -199,7 +207,8 @@ def build_cache(
     batch_size: int = 16,
 ) -> FeatureCache:
     """Fill (or resume) a feature cache over ``docs``; progress shows tokens/s and the ETA."""
-    cache = FeatureCache(root)
+    n_shards = (len(docs) + spec.docs_per_shard - 1) // spec.docs_per_shard
+    cache = FeatureCache(root, limit=n_shards)
     cache.write_meta(
         {
             "fingerprint": fingerprint(backbone),
@@ -209,7 +218,6 @@ def build_cache(
             "spec": spec.__dict__,
         }
     )
-    n_shards = (len(docs) + spec.docs_per_shard - 1) // spec.docs_per_shard
     todo = [i for i in range(n_shards) if not cache.shard_path(i).is_file()]
     tokens, start = 0, time.perf_counter()
     bar = tqdm(total=len(todo), desc=f"features ({spec.mode})", unit="shard", mininterval=5)
