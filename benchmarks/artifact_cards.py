@@ -15,11 +15,18 @@ def heads_card(folder: Path) -> list[str]:
     t = cfg["training"]
     h, d, o = t["heldout"], t["data"], t.get("overhead", {})
     offsets = list(h["top1"])
+    init = d.get("init")
+    warm = (
+        f", continuing heads trained on {init['train_tokens']:,} {init['mode']} tokens "
+        f"({init['path']})"
+        if init
+        else ""
+    )
     lines = [
         f"**{folder}** — `{cfg['arch']}` heads, k={cfg['k']}, {t['parameters']:,} trained "
         f"parameters, draft vocabulary {cfg['draft_vocab_size'] or 'full'}; data: "
         f"{d['mode']} on {', '.join(d['sources'])}, {d['train_docs']} documents = "
-        f"{d['train_tokens']:,} training tokens; {t['steps']} steps, {t['epochs']} epochs, "
+        f"{d['train_tokens']:,} training tokens{warm}; {t['steps']} steps, {t['epochs']} epochs, "
         f"{t['minutes']} min; held-out: {h['rows']:,} rows",
         "",
         "| offset | " + " | ".join(offsets) + " |",
