@@ -46,11 +46,11 @@ def test_interrupted_cache_resumes_without_recomputing_or_losing_shards(
     calls = []
     real = features._shard_rows
 
-    def flaky(backbone, chunk, spec, batch_size):
+    def flaky(backbone, chunk, spec, batch_size, distill):
         calls.append(chunk[0].id)
         if calls == ["d0", "d4", "d8"]:
             raise KeyboardInterrupt  # killed while computing the third shard
-        return real(backbone, chunk, spec, batch_size)
+        return real(backbone, chunk, spec, batch_size, distill)
 
     monkeypatch.setattr(features, "_shard_rows", flaky)
     with pytest.raises(KeyboardInterrupt):

@@ -94,3 +94,29 @@ def test_wrong_model_or_type_fails_clearly(tiny, smollm2_fp32):
         LlamaCppRuntime(tiny, ensure_gguf("smollm2-135m", "f32"))
     with pytest.raises(ClpError, match="unknown runtime"):
         Model(smollm2_fp32, runtime="vllm")
+
+
+def test_batched_distillation_answers_as_one_sequence_would(smollm2_fp32, llama_fp32):
+    """Continuous batching (2 slots for 5 prompts, so slots are reused) must give each prompt
+    the answer and hidden states of decoding it alone, but for near-ties (top-2 gap < 1%)."""
+    from clp.llama_runtime import LlamaDistiller
+
+    distill = LlamaDistiller(smollm2_fp32, batch_size=2, max_tokens=160, gguf_type="f32")
+    prompts = [encode_prompt(smollm2_fp32.tokenizer, d.prompt) for d in mtbench()[:5]]
+    answers = distill(prompts, 24)
+    assert len(answers) == len(prompts)
+    rt = llama_fp32.runtime
+    for ids, (hidden, tokens) in zip(prompts, answers, strict=True):
+        alone = llama_fp32.generate(ids, max_new_tokens=24).token_ids
+        assert hidden.shape == (len(tokens), smollm2_fp32.hidden_size)
+        assert len(tokens) == 24 or int(tokens[-1]) in smollm2_fp32.eos_token_ids
+        tokens = tokens.tolist()
+        pos = first_divergence(alone, tokens)
+        n = min(pos + 1, len(tokens))  # rows chosen from a context both runs share
+        rt.reset()
+        rows = [rt.feed(ids)] + ([rt.feed(tokens[: n - 1])] if n > 1 else [])
+        cos = torch.nn.functional.cosine_similarity(hidden[:n].float(), torch.cat(rows).float())
+        assert cos.min() > 0.999
+        if pos < min(len(alone), len(tokens)):  # they differ at pos: must be a near-tie
+            top2 = torch.softmax(rt.logits(1)[0], -1).topk(2).values
+            assert float(top2[0] - top2[1]) < 0.01

@@ -425,6 +425,14 @@ def train() -> None:
     "random ones, e.g. to fine-tune text-trained heads on self-distilled data.",
 )
 @click.option(
+    "--distill-runtime",
+    type=click.Choice(["transformers", "llama.cpp"]),
+    default="transformers",
+    show_default=True,
+    help="Where the backbone generates its self-distilled answers: llama.cpp (bf16, batched "
+    "sequences) is several times faster on CPUs; its caches are kept apart.",
+)
+@click.option(
     "--features-only",
     is_flag=True,
     help="Build (or extend) the feature caches and stop; training later reuses them.",

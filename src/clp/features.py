@@ -20,7 +20,9 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -33,6 +35,8 @@ from clp.data import Document, chat_ids
 from clp.errors import ClpError
 
 KEYS = ("hidden", "greedy", "next", "doc")
+# answers prompt ids greedily: one (hidden [T, d], tokens [T]) pair per prompt, in order
+Distill = Callable[[list[list[int]], int], list[tuple[torch.Tensor, torch.Tensor]]]
 
 
 @dataclass
@@ -189,6 +193,15 @@ def distill_batch(backbone: Backbone, prompts: list[list[int]], max_new_tokens: 
     return [(torch.stack(h_), torch.tensor(t)) for h_, t in zip(hs, toks, strict=True)]
 
 
+def distill_in_batches(backbone: Backbone, batch_size: int, prompts, max_new_tokens: int):
+    """``distill_batch`` over consecutive batches of ``prompts``."""
+    return [
+        answer
+        for b in range(0, len(prompts), batch_size)
+        for answer in distill_batch(backbone, prompts[b : b + batch_size], max_new_tokens)
+    ]
+
+
 @torch.inference_mode()
 def text_features(backbone: Backbone, prompt: list[int], reply: list[int]):
     """Hidden states and greedy tokens along a real reply, in one teacher-forced pass."""
@@ -205,8 +218,10 @@ def build_cache(
     root: str | Path,
     spec: CacheSpec,
     batch_size: int = 16,
+    distill: Distill | None = None,
 ) -> FeatureCache:
-    """Fill (or resume) a feature cache over ``docs``; progress shows tokens/s and the ETA."""
+    """Fill (or resume) a feature cache over ``docs``; progress shows tokens/s and the ETA.
+    ``distill`` answers a batch of prompts (default: ``distill_batch`` on the backbone)."""
     n_shards = (len(docs) + spec.docs_per_shard - 1) // spec.docs_per_shard
     cache = FeatureCache(root, limit=n_shards)
     cache.write_meta(
@@ -225,7 +240,7 @@ def build_cache(
         bar.write(f"resuming: {n_shards - len(todo)} of {n_shards} shards already done")
     for i in todo:
         chunk = docs[i * spec.docs_per_shard : (i + 1) * spec.docs_per_shard]
-        rows = _shard_rows(backbone, chunk, spec, batch_size)
+        rows = _shard_rows(backbone, chunk, spec, batch_size, distill)
         cache.write_shard(i, rows)
         tokens += len(rows["doc"])
         bar.update(1)
@@ -234,18 +249,22 @@ def build_cache(
     return cache
 
 
-def _shard_rows(backbone: Backbone, docs: list[Document], spec: CacheSpec, batch_size: int):
+def _shard_rows(
+    backbone: Backbone,
+    docs: list[Document],
+    spec: CacheSpec,
+    batch_size: int,
+    distill: Distill | None = None,
+):
     tok = backbone.tokenizer
+    distill = distill or partial(distill_in_batches, backbone, batch_size)
     pieces: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
     if spec.mode == "distill":
         prompts = [chat_ids(tok, d.prompt) for d in docs]
         prompts = [p for p in prompts if len(p) <= spec.max_prompt_tokens]
         prompts.sort(key=len)  # less padding per batch
-        for b in range(0, len(prompts), batch_size):
-            for hidden, toks in distill_batch(
-                backbone, prompts[b : b + batch_size], spec.max_new_tokens
-            ):
-                pieces.append((hidden, toks, toks))
+        for hidden, toks in distill(prompts, spec.max_new_tokens):
+            pieces.append((hidden, toks, toks))
     elif spec.mode == "text":
         for d in docs:
             prompt = chat_ids(tok, d.prompt)

@@ -25,27 +25,38 @@ def feature_caches(
     batch_size: int,
     cache: str | None,
     log,
+    distill_runtime: str = "transformers",
 ) -> dict[str, FeatureCache]:
     """One cache per split ('heldout', 'calib', 'train'), built in that order.
 
     Only the train split follows ``data_mode``: held-out and calib are always self-distilled,
     because the backbone's own continuations are what decoding sees (the truth for head
     accuracy and for predictor labels). The document order is stable, so a larger budget
-    extends a cache instead of rebuilding it.
+    extends a cache instead of rebuilding it. ``distill_runtime`` 'llama.cpp' generates the
+    self-distilled answers there (bf16, batched; a cache folder of its own).
     """
     base = Path(cache) if cache else clp_home() / "features" / backbone.name.replace("/", "--")
+    distill = None
+    if distill_runtime == "llama.cpp":
+        from clp.llama_runtime import LlamaDistiller
+
+        spec = CacheSpec("distill", max_new_tokens=max_new_tokens)
+        distill = LlamaDistiller(backbone, batch_size, spec.max_prompt_tokens + max_new_tokens)
+    elif distill_runtime != "transformers":
+        raise ClpError(f"unknown distill runtime '{distill_runtime}': transformers or llama.cpp")
     caches = {}
     for split, n in budgets.items():
         mode = data_mode if split == "train" else "distill"
         spec = CacheSpec(mode, max_new_tokens=max_new_tokens)
         key = hashlib.sha1(f"{sources}|{spec}".encode()).hexdigest()[:8]
-        root = base / f"{spec.mode}-{key}" / split
+        tag = "distill-llamacpp" if distill and mode == "distill" else mode
+        root = base / f"{tag}-{key}" / split
         docs = interleave(sources, split, n)
         if not docs:
             raise ClpError(f"no {split} documents in {', '.join(sources)}")
         log(f"{split}: {len(docs)} documents ({spec.mode}) -> {root}")
         t = time.perf_counter()
-        c = build_cache(backbone, docs, root, spec, batch_size=batch_size)
+        c = build_cache(backbone, docs, root, spec, batch_size, distill if tag != mode else None)
         log(f"{split}: cache ready ({len(c.shards())} shards) in {time.perf_counter() - t:.0f}s")
         caches[split] = c
     return caches
@@ -78,6 +89,7 @@ def train_heads_pipeline(
     out: str,
     init: str | None = None,
     features_only: bool = False,
+    distill_runtime: str = "transformers",
     log=print,
 ) -> dict:
     backbone = load_backbone(model, feature_dtype())
@@ -91,6 +103,7 @@ def train_heads_pipeline(
         batch_size,
         cache,
         log,
+        distill_runtime,
     )
     if features_only:
         return {split: str(c.root) for split, c in caches.items()}
@@ -114,6 +127,7 @@ def train_heads_pipeline(
         data={
             "sources": sources,
             "mode": data_mode,
+            "distill_runtime": distill_runtime,
             "train_docs": train_docs,
             "train_tokens": int(len(train_data["doc"])),
             "train_token_budget": train_tokens,
