@@ -22,10 +22,12 @@ def heads_card(folder: Path) -> list[str]:
         if init
         else ""
     )
+    engine = d.get("distill_runtime", "transformers")
+    engine = f" (answers generated on {engine})" if d["mode"] == "distill" else ""
     lines = [
         f"**{folder}** — `{cfg['arch']}` heads, k={cfg['k']}, {t['parameters']:,} trained "
         f"parameters, draft vocabulary {cfg['draft_vocab_size'] or 'full'}; data: "
-        f"{d['mode']} on {', '.join(d['sources'])}, {d['train_docs']} documents = "
+        f"{d['mode']}{engine} on {', '.join(d['sources'])}, {d['train_docs']} documents = "
         f"{d['train_tokens']:,} training tokens{warm}; {t['steps']} steps, {t['epochs']} epochs, "
         f"{t['minutes']} min; held-out: {h['rows']:,} rows",
         "",

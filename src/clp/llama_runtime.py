@@ -71,10 +71,19 @@ def ensure_gguf(name: str, gguf_type: str = "bf16") -> Path:
     return target
 
 
-class LlamaCppRuntime:
-    """One sequence on a llama.cpp context; returns final hidden states and keeps the logits."""
+class _Context:
+    """A llama.cpp model and context whose forward returns the final hidden states (after the
+    norm, what the LM head reads) and the logits; freed with the object."""
 
-    def __init__(self, backbone: Backbone, gguf: Path, threads: int | None = None):
+    def __init__(
+        self,
+        backbone: Backbone,
+        gguf: Path,
+        n_ctx: int,
+        n_seq: int = 1,
+        f32_cache: bool = False,
+        threads: int | None = None,
+    ):
         self.llama = llama = _llama()
         _quiet(llama)
         llama.llama_backend_init()
@@ -83,32 +92,50 @@ class LlamaCppRuntime:
         if not self._model:
             raise ClpError(f"llama.cpp could not load {gguf}")
         self.hidden_size = llama.llama_model_n_embd(self._model)
-        vocab = llama.llama_model_get_vocab(self._model)
-        self.vocab_size = llama.llama_vocab_n_tokens(vocab)
+        self.vocab_size = llama.llama_vocab_n_tokens(llama.llama_model_get_vocab(self._model))
         if (self.hidden_size, self.vocab_size) != (backbone.hidden_size, backbone.vocab_size):
             raise ClpError(
                 f"{gguf} (d={self.hidden_size}, vocab {self.vocab_size}) is not the backbone "
                 f"'{backbone.name}' (d={backbone.hidden_size}, vocab {backbone.vocab_size})"
             )
-        context = min(backbone.context_length or 4096, 32768)
-        threads = threads or torch.get_num_threads()
         cparams = llama.llama_context_default_params()
-        cparams.n_ctx = context
+        cparams.n_ctx, cparams.n_seq_max = n_ctx, n_seq
         cparams.n_batch = cparams.n_ubatch = 512
-        cparams.n_threads = cparams.n_threads_batch = threads
+        cparams.n_threads = cparams.n_threads_batch = threads or torch.get_num_threads()
         cparams.pooling_type = llama.LLAMA_POOLING_TYPE_NONE
         cparams.embeddings = True
-        if backbone.dtype == torch.float32:  # fp32 all through: the KV cache too (default f16)
+        if f32_cache:  # fp32 all through: the KV cache too (default f16)
             cparams.type_k = cparams.type_v = 0  # GGML_TYPE_F32
         self._ctx = llama.llama_init_from_model(self._model, cparams)
         if not self._ctx:
             raise ClpError("llama.cpp could not create a context")
-        self.context = context
         self._memory = llama.llama_get_memory(self._ctx)
         self._batch = llama.llama_batch_init(512, 0, 1)
-        self.dtype = backbone.dtype
-        self._length = 0
-        self._logits: torch.Tensor | None = None
+
+    def _forward(self, items: list[tuple[int, int, int]], outputs: bool, take=None) -> list:
+        """Feed (sequence, position, token) items, 512 at a time. With ``outputs``, every item
+        returns its hidden state and logits: ``take(hidden, logits)`` of each chunk (numpy
+        views, valid until the next decode) is collected."""
+        llama, batch, taken = self.llama, self._batch, []
+        llama.llama_set_embeddings(self._ctx, outputs)
+        for start in range(0, len(items), 512):
+            chunk = items[start : start + 512]
+            batch.n_tokens = n = len(chunk)
+            for i, (seq, pos, token) in enumerate(chunk):
+                batch.token[i], batch.pos[i], batch.logits[i] = token, pos, outputs
+                batch.n_seq_id[i] = 1
+                batch.seq_id[i][0] = seq
+            code = llama.llama_decode(self._ctx, batch)
+            if code != 0:
+                raise ClpError(f"llama.cpp decode failed (code {code}) at position {chunk[0][1]}")
+            if outputs:
+                shape = (n, self.hidden_size), (n, self.vocab_size)
+                hidden = np.ctypeslib.as_array(
+                    llama.llama_get_embeddings(self._ctx), shape=shape[0]
+                )
+                logits = np.ctypeslib.as_array(llama.llama_get_logits(self._ctx), shape=shape[1])
+                taken.append(take(hidden, logits))
+        return taken
 
     def __del__(self):
         llama = getattr(self, "llama", None)
@@ -121,27 +148,29 @@ class LlamaCppRuntime:
         if getattr(self, "_model", None):
             llama.llama_model_free(self._model)
 
+
+class LlamaCppRuntime(_Context):
+    """One sequence on a llama.cpp context; returns final hidden states and keeps the logits."""
+
+    def __init__(self, backbone: Backbone, gguf: Path, threads: int | None = None):
+        self.context = min(backbone.context_length or 4096, 32768)
+        super().__init__(
+            backbone, gguf, self.context, f32_cache=backbone.dtype == torch.float32, threads=threads
+        )
+        self.dtype = backbone.dtype
+        self._length = 0
+        self._logits: torch.Tensor | None = None
+
     def reset(self) -> None:
         self.llama.llama_memory_clear(self._memory, True)
         self._length = 0
         self._logits = None
 
-    def _decode(self, tokens: list[int], outputs: bool) -> None:
-        batch = self._batch
-        for start in range(0, len(tokens), 512):
-            chunk = tokens[start : start + 512]
-            batch.n_tokens = len(chunk)
-            for i, token in enumerate(chunk):
-                batch.token[i] = token
-                batch.pos[i] = self._length + i
-                batch.n_seq_id[i] = 1
-                batch.seq_id[i][0] = 0
-                batch.logits[i] = outputs
-            self.llama.llama_set_embeddings(self._ctx, outputs)
-            code = self.llama.llama_decode(self._ctx, batch)
-            if code != 0:
-                raise ClpError(f"llama.cpp decode failed (code {code}) at position {self._length}")
-            self._length += len(chunk)
+    def _decode(self, tokens: list[int], outputs: bool) -> list:
+        items = [(0, self._length + i, token) for i, token in enumerate(tokens)]
+        taken = self._forward(items, outputs, lambda h, lg: (h.copy(), lg.copy()))
+        self._length += len(tokens)
+        return taken
 
     def feed(self, tokens: list[int]) -> torch.Tensor:
         if self._length + len(tokens) > self.context:
@@ -150,17 +179,9 @@ class LlamaCppRuntime:
         keep = 1 if self._length == 0 else min(len(tokens), 512)
         if len(tokens) > keep:
             self._decode(tokens[:-keep], outputs=False)
-            tokens = tokens[-keep:]
-        self._decode(tokens, outputs=True)
-        n = len(tokens)
-        hidden = np.ctypeslib.as_array(
-            self.llama.llama_get_embeddings(self._ctx), shape=(n, self.hidden_size)
-        )
-        logits = np.ctypeslib.as_array(
-            self.llama.llama_get_logits(self._ctx), shape=(n, self.vocab_size)
-        )
-        self._logits = torch.from_numpy(logits.copy())
-        return torch.from_numpy(hidden.copy()).to(self.dtype)
+        [(hidden, logits)] = self._decode(tokens[-keep:], outputs=True)
+        self._logits = torch.from_numpy(logits)
+        return torch.from_numpy(hidden).to(self.dtype)
 
     def logits(self, last: int = 1) -> torch.Tensor:
         return self._logits[-last:]
@@ -175,7 +196,7 @@ class LlamaCppRuntime:
         return self._length
 
 
-class LlamaDistiller:
+class LlamaDistiller(_Context):
     """Self-distillation on llama.cpp: many prompts answered greedily at once, one sequence
     each in a shared context, returning the hidden state every token was chosen from.
 
@@ -187,64 +208,12 @@ class LlamaDistiller:
     def __init__(
         self, backbone: Backbone, batch_size: int, max_tokens: int, gguf_type: str = "bf16"
     ):
+        if not 1 <= batch_size <= 512:
+            raise ClpError(f"--batch-size {batch_size}: llama.cpp distillation takes 1 to 512")
         gguf = ensure_gguf(backbone.name, gguf_type)
-        self.llama = llama = _llama()
-        _quiet(llama)
-        llama.llama_backend_init()
-        self._model = llama.llama_model_load_from_file(
-            str(gguf).encode(), llama.llama_model_default_params()
-        )
-        if not self._model:
-            raise ClpError(f"llama.cpp could not load {gguf}")
-        self.hidden_size = llama.llama_model_n_embd(self._model)
-        self.vocab_size = llama.llama_vocab_n_tokens(llama.llama_model_get_vocab(self._model))
-        if (self.hidden_size, self.vocab_size) != (backbone.hidden_size, backbone.vocab_size):
-            raise ClpError(f"{gguf} is not the backbone '{backbone.name}'")
+        super().__init__(backbone, gguf, batch_size * max_tokens, batch_size, gguf_type == "f32")
         self.batch_size = batch_size
         self.eos = set(backbone.eos_token_ids)
-        cparams = llama.llama_context_default_params()
-        cparams.n_seq_max = batch_size
-        cparams.n_ctx = batch_size * max_tokens
-        cparams.n_batch = cparams.n_ubatch = 512
-        cparams.n_threads = cparams.n_threads_batch = torch.get_num_threads()
-        cparams.pooling_type = llama.LLAMA_POOLING_TYPE_NONE
-        cparams.embeddings = True
-        if gguf_type == "f32":  # the KV cache too (default f16)
-            cparams.type_k = cparams.type_v = 0
-        self._ctx = llama.llama_init_from_model(self._model, cparams)
-        if not self._ctx:
-            raise ClpError("llama.cpp could not create a context")
-        self._memory = llama.llama_get_memory(self._ctx)
-        self._batch = llama.llama_batch_init(512, 0, 1)
-
-    def __del__(self):
-        LlamaCppRuntime.__del__(self)
-
-    def _decode(self, items: list[tuple[int, int, int]], outputs: bool):
-        """Feed (sequence, position, token) items, 512 at a time; with ``outputs``, the hidden
-        states and greedy tokens of every item, in order."""
-        llama, batch = self.llama, self._batch
-        llama.llama_set_embeddings(self._ctx, outputs)
-        hidden, greedy = [], []
-        for start in range(0, len(items), 512):
-            chunk = items[start : start + 512]
-            batch.n_tokens = len(chunk)
-            for i, (seq, pos, token) in enumerate(chunk):
-                batch.token[i], batch.pos[i], batch.logits[i] = token, pos, outputs
-                batch.n_seq_id[i] = 1
-                batch.seq_id[i][0] = seq
-            code = llama.llama_decode(self._ctx, batch)
-            if code != 0:
-                raise ClpError(f"llama.cpp decode failed (code {code})")
-            if outputs:
-                n, ctx = len(chunk), self._ctx
-                h = np.ctypeslib.as_array(
-                    llama.llama_get_embeddings(ctx), shape=(n, self.hidden_size)
-                )
-                lg = np.ctypeslib.as_array(llama.llama_get_logits(ctx), shape=(n, self.vocab_size))
-                hidden.append(h.copy())
-                greedy.append(lg.argmax(-1))
-        return (np.concatenate(hidden), np.concatenate(greedy)) if outputs else None
 
     def __call__(self, prompts: list[list[int]], max_new_tokens: int):
         """Greedy answers to ``prompts``, each with its hidden states. Continuous batching:
@@ -262,11 +231,14 @@ class LlamaDistiller:
                 slot, j = free.pop(), waiting.pop()
                 prefill += [(slot, p, t) for p, t in enumerate(prompts[j][:-1])]
                 active[slot] = (j, len(prompts[j]) - 1, prompts[j][-1])
-            if prefill:
-                self._decode(prefill, outputs=False)
+            self._forward(prefill, outputs=False)
             order = list(active)
-            hidden, greedy = self._decode([(s, *active[s][1:]) for s in order], outputs=True)
-            for slot, h, tok in zip(order, hidden, greedy.tolist(), strict=True):
+            [(hidden, greedy)] = self._forward(
+                [(s, *active[s][1:]) for s in order],
+                outputs=True,
+                take=lambda h, lg: (h.copy(), lg.argmax(-1).tolist()),
+            )
+            for slot, h, tok in zip(order, hidden, greedy, strict=True):
                 j, pos, _ = active[slot]
                 hs[j].append(h)
                 toks[j].append(tok)
