@@ -14,8 +14,8 @@ import torch
 
 import clp
 from clp.backbones import load_backbone
-from clp.data import chat_ids, interleave
-from clp.features import CacheSpec, distill_in_batches
+from clp.data import interleave
+from clp.features import CacheSpec, distill_in_batches, distill_prompts
 from clp.metrics import first_divergence
 
 
@@ -30,8 +30,7 @@ def main() -> None:
     spec = CacheSpec("distill", max_new_tokens=args.max_new_tokens)
     backbone = load_backbone(args.model, torch.float32)
     docs = interleave(["sharegpt", "stdlib"], "train", stop)[start:stop]
-    prompts = [chat_ids(backbone.tokenizer, d.prompt) for d in docs]
-    prompts = sorted((p for p in prompts if len(p) <= spec.max_prompt_tokens), key=len)
+    prompts = distill_prompts(backbone.tokenizer, docs, spec)
     print(f"{args.model}: {len(prompts)} prompts (documents {args.docs}), batch {args.batch_size}")
 
     engines = {}

@@ -429,8 +429,9 @@ def train() -> None:
     type=click.Choice(["transformers", "llama.cpp"]),
     default="transformers",
     show_default=True,
-    help="Where the backbone generates its self-distilled answers: llama.cpp (bf16, batched "
-    "sequences) is several times faster on CPUs; its caches are kept apart.",
+    help="Where the backbone generates its self-distilled answers: llama.cpp (bf16 GGUF, "
+    "continuous batching) is the fastest on CPUs, most of all without native bf16; its "
+    "caches are kept apart.",
 )
 @click.option(
     "--features-only",

@@ -249,6 +249,13 @@ def build_cache(
     return cache
 
 
+def distill_prompts(tokenizer, docs: list[Document], spec: CacheSpec) -> list[list[int]]:
+    """The chat-formatted prompts of ``docs`` that self-distillation answers: longer ones than
+    ``spec.max_prompt_tokens`` are skipped, the rest sorted by length (less padding)."""
+    prompts = [chat_ids(tokenizer, d.prompt) for d in docs]
+    return sorted((p for p in prompts if len(p) <= spec.max_prompt_tokens), key=len)
+
+
 def _shard_rows(
     backbone: Backbone,
     docs: list[Document],
@@ -260,10 +267,7 @@ def _shard_rows(
     distill = distill or partial(distill_in_batches, backbone, batch_size)
     pieces: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
     if spec.mode == "distill":
-        prompts = [chat_ids(tok, d.prompt) for d in docs]
-        prompts = [p for p in prompts if len(p) <= spec.max_prompt_tokens]
-        prompts.sort(key=len)  # less padding per batch
-        for hidden, toks in distill(prompts, spec.max_new_tokens):
+        for hidden, toks in distill(distill_prompts(tok, docs, spec), spec.max_new_tokens):
             pieces.append((hidden, toks, toks))
     elif spec.mode == "text":
         for d in docs:

@@ -202,9 +202,10 @@ class LlamaDistiller(_Context):
     """Self-distillation on llama.cpp: many prompts answered greedily at once, one sequence
     each in a shared context, returning the hidden state every token was chosen from.
 
-    Why: a batched decode step on llama.cpp reads the weights once for all sequences, so it
-    produces the backbone's answers several times faster than transformers' padded batches
-    on this CPU. Same contract as ``clp.features.distill_batch``.
+    Why: a batched decode step reads the weights once for all sequences, and no step is spent
+    on padding or on a tail of a few long answers: 180 tokens/s on qwen2.5-coder-0.5b on a
+    Zen 5 (transformers: 162 in bf16, 47 in fp32), and its answers match fp32 decoding more
+    often than transformers' bf16 ones. Same contract as ``clp.features.distill_in_batches``.
     """
 
     def __init__(

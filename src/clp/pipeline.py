@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import time
 from pathlib import Path
@@ -37,11 +38,14 @@ def feature_caches(
     """
     base = Path(cache) if cache else clp_home() / "features" / backbone.name.replace("/", "--")
     distill = None
-    if distill_runtime == "llama.cpp":
+    if distill_runtime == "llama.cpp":  # loaded only if a shard is still to be generated
         from clp.llama_runtime import LlamaDistiller
 
-        spec = CacheSpec("distill", max_new_tokens=max_new_tokens)
-        distill = LlamaDistiller(backbone, batch_size, spec.max_prompt_tokens + max_new_tokens)
+        context = CacheSpec.max_prompt_tokens + max_new_tokens
+        load = functools.cache(lambda: LlamaDistiller(backbone, batch_size, context))
+
+        def distill(prompts, max_new):
+            return load()(prompts, max_new)
     elif distill_runtime != "transformers":
         raise ClpError(f"unknown distill runtime '{distill_runtime}': transformers or llama.cpp")
     caches = {}
@@ -56,7 +60,9 @@ def feature_caches(
             raise ClpError(f"no {split} documents in {', '.join(sources)}")
         log(f"{split}: {len(docs)} documents ({spec.mode}) -> {root}")
         t = time.perf_counter()
-        c = build_cache(backbone, docs, root, spec, batch_size, distill if tag != mode else None)
+        c = build_cache(
+            backbone, docs, root, spec, batch_size, distill if mode == "distill" else None
+        )
         log(f"{split}: cache ready ({len(c.shards())} shards) in {time.perf_counter() - t:.0f}s")
         caches[split] = c
     return caches
