@@ -51,6 +51,8 @@ def main() -> None:
     print("|---" * (len(sizes) + 2) + "|")
     for dtype in ("bf16", "fp32"):
         row(f"transformers {dtype}", TransformersRuntime(load_backbone(args.model, dtype)))
+    stock = TransformersRuntime(load_backbone(args.model, "bf16"), patched=False)
+    row("transformers bf16, stock kernels", stock)
     if importlib.util.find_spec("llama_cpp") is None:
         return
     from clp.llama_runtime import LlamaCppRuntime, ensure_gguf

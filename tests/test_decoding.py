@@ -141,6 +141,70 @@ def test_unverified_drafts_count_as_output_and_stats_add_up(tiny):
     assert sum((n_extra + 1) * c for n_extra, c in r.stats.accepted_lengths.items()) == 30
 
 
+def wide_bf16_backbone(seed: int):
+    """Wide enough (d=512, grouped-query attention) that transformers' own kernels round a
+    token differently in a 1-token and a 3-token bf16 forward on AVX512-BF16 CPUs."""
+    from conftest import make_tokenizer
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from clp.backbones import Backbone
+
+    torch.manual_seed(seed)
+    tokenizer = make_tokenizer()
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=512,
+        intermediate_size=2048,
+        num_hidden_layers=2,
+        num_attention_heads=8,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        eos_token_id=2,
+        pad_token_id=0,
+    )
+    model = LlamaForCausalLM(config).to(torch.bfloat16).eval().requires_grad_(False)
+    return Backbone(name="wide", model=model, tokenizer=tokenizer, dtype=torch.bfloat16)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_bf16_token_gets_the_same_bits_in_a_one_and_a_several_token_forward(seed):
+    runtime = TransformersRuntime(wide_bf16_backbone(seed))
+    g = torch.Generator().manual_seed(seed)
+    prompt, new = torch.randint(3, 90, (60,), generator=g).tolist(), [5, 17, 33, 8]
+    runtime.reset()
+    runtime.feed(prompt)
+    together = runtime.feed(new).clone(), runtime.logits(len(new))
+    runtime.reset()
+    runtime.feed(prompt)
+    alone = [(runtime.feed([t]).clone(), runtime.logits(1)) for t in new]
+    assert torch.equal(together[0], torch.cat([h for h, _ in alone]))
+    assert torch.equal(together[1], torch.cat([lg for _, lg in alone]))
+
+
+def test_verify_equals_greedy_in_bf16():
+    backbone = wide_bf16_backbone(0)
+    for prompt in PROMPTS:
+        ids = backbone.tokenizer(prompt)["input_ids"]
+        ref = run(backbone, prompt, max_new_tokens=30, eos_ids=set())
+        policy = NoisyOracle(ids + ref.token_ids + [0] * 8, k=3, error_rate=0.3)
+        assert run(backbone, prompt, policy=policy, max_new_tokens=30, eos_ids=set()).token_ids == (
+            ref.token_ids
+        )
+
+
+def test_stock_kernels_are_restored_after_a_baseline(tiny):
+    from clp.runtime import stock_kernels
+
+    model = TransformersRuntime(tiny).model
+    patched = [m for m in model.modules() if "forward" in m.__dict__]
+    assert patched and model.config._attn_implementation != "sdpa"
+    with stock_kernels(model):
+        assert not any("forward" in m.__dict__ for m in model.modules())
+        assert model.config._attn_implementation == "sdpa"
+    assert [m for m in model.modules() if "forward" in m.__dict__] == patched
+    assert model.config._attn_implementation != "sdpa"
+
+
 def test_bf16_runtime_runs(tiny):
     from conftest import make_tiny_backbone
 

@@ -25,6 +25,7 @@ from clp.data import Document, interleave, mtbench, user_files
 from clp.errors import ClpError
 from clp.metrics import backbone_nll, common_prefix_share, distinct_n, mean, repetition_ratio
 from clp.prompts import encode_prompt
+from clp.runtime import stock_kernels
 
 # What users would run instead, on the same prompts in the same process: transformers' greedy
 # model.generate, and its prompt-lookup decoding (drafts copied from the prompt, verified).
@@ -97,17 +98,18 @@ def hf_generate(model: Model, ids: list[int], max_new_tokens: int, lookup: int) 
     hook = b.model.register_forward_pre_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
     extra = {"prompt_lookup_num_tokens": lookup} if lookup else {}
     try:
-        start = time.perf_counter()
-        out = b.model.generate(
-            torch.tensor([ids]),
-            attention_mask=torch.ones((1, len(ids)), dtype=torch.long),
-            do_sample=False,
-            max_new_tokens=max_new_tokens,
-            eos_token_id=sorted(b.eos_token_ids),
-            pad_token_id=b.tokenizer.pad_token_id or 0,
-            **extra,
-        )
-        seconds = time.perf_counter() - start
+        with stock_kernels(b.model):
+            start = time.perf_counter()
+            out = b.model.generate(
+                torch.tensor([ids]),
+                attention_mask=torch.ones((1, len(ids)), dtype=torch.long),
+                do_sample=False,
+                max_new_tokens=max_new_tokens,
+                eos_token_id=sorted(b.eos_token_ids),
+                pad_token_id=b.tokenizer.pad_token_id or 0,
+                **extra,
+            )
+            seconds = time.perf_counter() - start
     finally:
         hook.remove()
     new = out[0, len(ids) :].tolist()

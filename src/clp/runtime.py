@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import time
 import types
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Protocol
 
 import torch
@@ -52,17 +53,102 @@ def _few_rows_linear(self: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
     return y.reshape(*x.shape[:-1], -1)
 
 
-def use_few_rows_linear(model: torch.nn.Module) -> None:
-    """Route the decoder's fp32 linear layers through ``_few_rows_linear`` (same weights)."""
+def _one_kernel_linear(self: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    """nn.Linear with one row computed as two: oneDNN's bf16 one-row kernel sums a long
+    row in another order than its several-row kernel, so the same token rounded differently
+    in a 1-token and a 3-token forward and `verify` drifted from `ar` at near-ties. The
+    several-row kernel gives each row the same bits for 2-8 rows and costs what one row
+    costs (measured on AMD Zen 4, AVX512-BF16)."""
+    if x.numel() != x.shape[-1]:
+        return torch.nn.functional.linear(x, self.weight, self.bias)
+    pair = torch.cat([x, x], dim=-2) if x.dim() > 1 else torch.stack([x, x])
+    return torch.nn.functional.linear(pair, self.weight, self.bias)[..., :1, :].reshape(
+        *x.shape[:-1], -1
+    )
+
+
+def patch_linear_layers(model: torch.nn.Module, dtype: torch.dtype) -> None:
+    """Route the model's linear layers of ``dtype`` through the form that suits it (same
+    weights, no copied modeling code): fp32 through ``_few_rows_linear`` (speed), bf16
+    through ``_one_kernel_linear`` (the same rounding for every forward width)."""
+    form = {torch.float32: _few_rows_linear, torch.bfloat16: _one_kernel_linear}.get(dtype)
+    if form is None:
+        return
     for module in model.modules():
-        if isinstance(module, torch.nn.Linear) and module.weight.dtype == torch.float32:
-            module.forward = types.MethodType(_few_rows_linear, module)
+        if isinstance(module, torch.nn.Linear) and module.weight.dtype == dtype:
+            module.forward = types.MethodType(form, module)
+
+
+ROW_BY_ROW_ATTENTION = "clp_row_by_row_sdpa"
+
+
+def _row_by_row_sdpa(module, query, key, value, attention_mask, **kwargs):
+    """transformers' SDPA attention, except that new tokens over a cache (up to 16) attend one
+    query row at a time, each with its own keys, no mask, and the query heads of a key/value
+    group packed as rows. Why: transformers attends one new token (grouped heads, no mask) and
+    several (heads expanded, mask) through different kernels that round bf16 differently,
+    so `verify` drifted from `ar` at near-ties; now a token gets the same bits in a 1-token
+    and a 3-token forward. The packed layout also avoids torch's slow CPU path for a
+    one-token grouped-query SDPA (~240 against ~30 us a layer, Zen 4). A prefill, longer
+    feeds and sliding windows in reach keep transformers' path."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    (b, heads, q_len, dim), (kv_heads, kv_len) = query.shape, key.shape[1:3]
+    window = kwargs.get("sliding_window")
+    if q_len == kv_len or q_len > 16 or (window and kv_len > window):
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    group = heads // kv_heads
+    rows = [
+        torch.nn.functional.scaled_dot_product_attention(
+            query[:, :, i].reshape(b, kv_heads, group, dim),
+            key[:, :, : kv_len - q_len + i + 1],
+            value[:, :, : kv_len - q_len + i + 1],
+            scale=kwargs.get("scaling"),
+        ).reshape(b, 1, heads, dim)
+        for i in range(q_len)
+    ]
+    return torch.cat(rows, dim=1), None
+
+
+def use_row_by_row_attention(model: torch.nn.Module) -> None:
+    """Switch an SDPA model to ``_row_by_row_sdpa`` (masks built as for SDPA)."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    if model.config._attn_implementation != "sdpa":
+        return
+    AttentionInterface.register(ROW_BY_ROW_ATTENTION, _row_by_row_sdpa)
+    AttentionMaskInterface.register(ROW_BY_ROW_ATTENTION, sdpa_mask)
+    model.set_attn_implementation(ROW_BY_ROW_ATTENTION)
+
+
+def patch_kernels(model: torch.nn.Module, dtype: torch.dtype) -> None:
+    """Linear layers and attention through the forms above (same weights, no copied code)."""
+    patch_linear_layers(model, dtype)
+    use_row_by_row_attention(model)
+
+
+@contextmanager
+def stock_kernels(model: torch.nn.Module) -> Iterator[None]:
+    """transformers' own linear layers and attention for the duration: baselines such as
+    ``model.generate`` are timed as users get them."""
+    patched = {m: m.__dict__.pop("forward") for m in model.modules() if "forward" in m.__dict__}
+    attention = model.config._attn_implementation
+    if attention == ROW_BY_ROW_ATTENTION:
+        model.set_attn_implementation("sdpa")
+    try:
+        yield
+    finally:
+        for module, forward in patched.items():
+            module.forward = forward
+        if attention == ROW_BY_ROW_ATTENTION:
+            model.set_attn_implementation(attention)
 
 
 class TransformersRuntime:
     """Runs a Hugging Face causal LM with its own DynamicCache, no ``generate``."""
 
-    def __init__(self, backbone: Backbone, few_rows_linear: bool = True):
+    def __init__(self, backbone: Backbone, patched: bool = True):
         from transformers import DynamicCache
 
         self._cache_cls = DynamicCache
@@ -76,8 +162,8 @@ class TransformersRuntime:
         self.cache = None
         self._length = 0
         self._hidden: torch.Tensor | None = None
-        if few_rows_linear and backbone.dtype == torch.float32:
-            use_few_rows_linear(self.model)
+        if patched:  # see patch_kernels; False keeps transformers' kernels (comparisons)
+            patch_kernels(self.model, backbone.dtype)
 
     def reset(self) -> None:
         self.cache = self._cache_cls(config=self.model.config)
