@@ -27,21 +27,23 @@ def make_tokenizer() -> PreTrainedTokenizerFast:
     )
 
 
-def make_tiny_backbone(seed: int = 0, context: int = 256, dtype=torch.float32) -> Backbone:
+def make_tiny_backbone(
+    seed: int = 0, context: int = 256, dtype=torch.float32, **sizes: int
+) -> Backbone:
+    """``sizes`` override the LlamaConfig widths (hidden_size, num_attention_heads, ...)."""
     torch.manual_seed(seed)
     tokenizer = make_tokenizer()
+    widths = dict(hidden_size=64, intermediate_size=128, num_attention_heads=4) | sizes
     config = LlamaConfig(
         vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
         num_hidden_layers=2,
-        num_attention_heads=4,
         num_key_value_heads=2,
         max_position_embeddings=context,
         bos_token_id=1,
         eos_token_id=2,
         pad_token_id=0,
         tie_word_embeddings=False,
+        **widths,
     )
     model = LlamaForCausalLM(config).to(dtype).eval().requires_grad_(False)
     return Backbone(name="tiny", model=model, tokenizer=tokenizer, dtype=dtype)

@@ -144,26 +144,11 @@ def test_unverified_drafts_count_as_output_and_stats_add_up(tiny):
 def wide_bf16_backbone(seed: int):
     """Wide enough (d=512, grouped-query attention) that transformers' own kernels round a
     token differently in a 1-token and a 3-token bf16 forward on AVX512-BF16 CPUs."""
-    from conftest import make_tokenizer
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from conftest import make_tiny_backbone
 
-    from clp.backbones import Backbone
-
-    torch.manual_seed(seed)
-    tokenizer = make_tokenizer()
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=512,
-        intermediate_size=2048,
-        num_hidden_layers=2,
-        num_attention_heads=8,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        eos_token_id=2,
-        pad_token_id=0,
+    return make_tiny_backbone(
+        seed, dtype=torch.bfloat16, hidden_size=512, intermediate_size=2048, num_attention_heads=8
     )
-    model = LlamaForCausalLM(config).to(torch.bfloat16).eval().requires_grad_(False)
-    return Backbone(name="wide", model=model, tokenizer=tokenizer, dtype=torch.bfloat16)
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])

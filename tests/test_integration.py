@@ -1,4 +1,4 @@
-"""The bundled smollm2-135m in fp32: our loop against transformers' own generate."""
+"""The bundled smollm2-135m: our loop against transformers' own generate, verify against ar."""
 
 from __future__ import annotations
 
@@ -72,6 +72,19 @@ def test_verify_with_committed_heads_equals_ar_greedy(smollm2_fp32):
             accepted += sum(c for extra, c in ver.stats.accepted_lengths.items() if extra)
             eos += ver.stop_reason == "eos"
     assert accepted > 0 and eos > 0
+
+
+def test_verify_equals_ar_in_bf16_as_well():
+    """bf16 rounds every step, so this holds only because the runtime gives each token the
+    same bits however many tokens a forward carries (clp.runtime.patch_kernels)."""
+    from clp.backbones import load_backbone
+
+    model = Model(load_backbone("smollm2-135m", "bf16"))
+    for prompt in VERIFY_PROMPTS:
+        ar = model.generate(prompt, max_new_tokens=40)
+        ver = model.generate(prompt, mode="verify", max_new_tokens=40)
+        assert ver.token_ids == ar.token_ids, prompt
+        assert ver.stats.forward_passes <= ar.stats.forward_passes
 
 
 def test_bench_smoke_runs_everything_with_consistent_numbers(tmp_path):
