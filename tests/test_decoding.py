@@ -177,6 +177,28 @@ def test_verify_equals_greedy_in_bf16():
         )
 
 
+def test_patched_kernels_respect_padding_in_a_batch():
+    """Batched callers (self-distillation) pass left padding: the row-by-row attention must
+    hand those forwards back to transformers rather than attend the pads."""
+    from conftest import make_tiny_backbone
+    from transformers import DynamicCache
+
+    from clp.runtime import patch_kernels
+
+    model = make_tiny_backbone(seed=3).model
+    ids, mask = torch.tensor([[0, 0, 5, 6], [8, 9, 10, 11]]), torch.tensor([[0, 0, 1, 1], [1] * 4])
+
+    def run() -> torch.Tensor:
+        cache = DynamicCache(config=model.config)
+        model(input_ids=ids, attention_mask=mask, cache=cache)
+        full = torch.cat([mask, torch.ones(2, 3, dtype=torch.long)], 1)
+        return model(input_ids=ids[:, 1:] + 10, attention_mask=full, cache=cache).logits
+
+    reference = run()  # transformers' kernels
+    patch_kernels(model, torch.float32)
+    assert torch.allclose(run(), reference, atol=1e-5)
+
+
 def test_stock_kernels_are_restored_after_a_baseline(tiny):
     from clp.runtime import stock_kernels
 

@@ -90,12 +90,15 @@ def _row_by_row_sdpa(module, query, key, value, attention_mask, **kwargs):
     so `verify` drifted from `ar` at near-ties; now a token gets the same bits in a 1-token
     and a 3-token forward. The packed layout also avoids torch's slow CPU path for a
     one-token grouped-query SDPA (~240 against ~30 us a layer, Zen 4). A prefill, longer
-    feeds and sliding windows in reach keep transformers' path."""
+    feeds, padded batches and sliding windows in reach keep transformers' path."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     (b, heads, q_len, dim), (kv_heads, kv_len) = query.shape, key.shape[1:3]
     window = kwargs.get("sliding_window")
-    if q_len == kv_len or q_len > 16 or (window and kv_len > window):
+    padded = attention_mask is not None and not (
+        attention_mask.dtype == torch.bool and bool(attention_mask[..., -1, :].all())
+    )  # the last new token sees every key unless there is padding (batched callers)
+    if q_len == kv_len or q_len > 16 or padded or (window and kv_len > window):
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
     group = heads // kv_heads
     rows = [
