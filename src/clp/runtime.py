@@ -67,18 +67,6 @@ def _one_kernel_linear(self: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
     )
 
 
-def patch_linear_layers(model: torch.nn.Module, dtype: torch.dtype) -> None:
-    """Route the model's linear layers of ``dtype`` through the form that suits it (same
-    weights, no copied modeling code): fp32 through ``_few_rows_linear`` (speed), bf16
-    through ``_one_kernel_linear`` (the same rounding for every forward width)."""
-    form = {torch.float32: _few_rows_linear, torch.bfloat16: _one_kernel_linear}.get(dtype)
-    if form is None:
-        return
-    for module in model.modules():
-        if isinstance(module, torch.nn.Linear) and module.weight.dtype == dtype:
-            module.forward = types.MethodType(form, module)
-
-
 ROW_BY_ROW_ATTENTION = "clp_row_by_row_sdpa"
 
 
@@ -95,10 +83,12 @@ def _row_by_row_sdpa(module, query, key, value, attention_mask, **kwargs):
 
     (b, heads, q_len, dim), (kv_heads, kv_len) = query.shape, key.shape[1:3]
     window = kwargs.get("sliding_window")
-    padded = attention_mask is not None and not (
-        attention_mask.dtype == torch.bool and bool(attention_mask[..., -1, :].all())
-    )  # the last new token sees every key unless there is padding (batched callers)
-    if q_len == kv_len or q_len > 16 or padded or (window and kv_len > window):
+    if (
+        q_len == kv_len
+        or q_len > 16
+        or (window and kv_len > window)
+        or _padded(attention_mask)  # checked last: it reads the mask
+    ):
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
     group = heads // kv_heads
     rows = [
@@ -113,22 +103,29 @@ def _row_by_row_sdpa(module, query, key, value, attention_mask, **kwargs):
     return torch.cat(rows, dim=1), None
 
 
-def use_row_by_row_attention(model: torch.nn.Module) -> None:
-    """Switch an SDPA model to ``_row_by_row_sdpa`` (masks built as for SDPA)."""
-    from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
-
-    if model.config._attn_implementation != "sdpa":
-        return
-    AttentionInterface.register(ROW_BY_ROW_ATTENTION, _row_by_row_sdpa)
-    AttentionMaskInterface.register(ROW_BY_ROW_ATTENTION, sdpa_mask)
-    model.set_attn_implementation(ROW_BY_ROW_ATTENTION)
+def _padded(attention_mask: torch.Tensor | None) -> bool:
+    """Whether a batched caller padded: the last new token sees every key unless it did."""
+    if attention_mask is None:
+        return False
+    return not (attention_mask.dtype == torch.bool and bool(attention_mask[..., -1, :].all()))
 
 
 def patch_kernels(model: torch.nn.Module, dtype: torch.dtype) -> None:
-    """Linear layers and attention through the forms above (same weights, no copied code)."""
-    patch_linear_layers(model, dtype)
-    use_row_by_row_attention(model)
+    """Route the model's linear layers and attention through the forms above (same weights,
+    no copied modeling code): fp32 linear layers through ``_few_rows_linear`` (speed), bf16
+    ones through ``_one_kernel_linear`` and SDPA attention through ``_row_by_row_sdpa`` (a
+    token gets the same bits whatever the forward's width)."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    form = {torch.float32: _few_rows_linear, torch.bfloat16: _one_kernel_linear}.get(dtype)
+    for module in model.modules():
+        if form and isinstance(module, torch.nn.Linear) and module.weight.dtype == dtype:
+            module.forward = types.MethodType(form, module)
+    if model.config._attn_implementation == "sdpa":
+        AttentionInterface.register(ROW_BY_ROW_ATTENTION, _row_by_row_sdpa)
+        AttentionMaskInterface.register(ROW_BY_ROW_ATTENTION, sdpa_mask)
+        model.set_attn_implementation(ROW_BY_ROW_ATTENTION)
 
 
 @contextmanager
