@@ -5,6 +5,7 @@ from __future__ import annotations
 import shutil
 
 import pytest
+import torch
 
 from clp.api import Model
 from clp.calibration import train_and_save
@@ -77,6 +78,18 @@ def test_prompt_lookup_is_lossless_and_drafts_from_the_context(model):
         assert r.token_ids == ar.token_ids, prompt
         drafted += sum(r.stats.offset_proposed.values())
     assert drafted > 0
+
+
+def test_verify_copies_after_a_repeated_bigram_and_asks_the_heads_otherwise(model):
+    policy = model.policy("verify")  # lookup 4 by default
+    hidden = torch.randn(model.backbone.hidden_size)
+    heads = model.heads().propose(hidden, 7)
+    assert policy.propose(hidden, [5, 6, 7, 8, 9, 1, 6, 7], None) == [8, 9, 1, 6]  # bigram 6 7
+    assert policy.propose(hidden, [5, 6, 7, 8, 9, 1, 2, 7], None) == heads  # unigram only
+    assert model.policy("verify", lookup=0).propose(hidden, [5, 6, 7, 8, 1, 6, 7], None) == heads
+    for mode, n in (("clp", 2), ("verify", -1)):
+        with pytest.raises(ClpError, match="lookup is a number >= 0 of drafts for mode verify"):
+            model.policy(mode, lookup=n)
 
 
 def test_verify_stops_at_eos_wherever_it_falls(model, tiny):
@@ -173,9 +186,12 @@ def test_bench_reports_every_mode_consistently(model, tmp_path):
     from clp import bench
 
     docs = [Document(f"b{i}", p, category="abc"[i % 3]) for i, p in enumerate(PROMPTS[:6])]
-    chosen = bench.variants(["mtp", "clp", "verify"], tau=0.5, taus=[0.9], ks=[1, 2], heads_k=2)
+    chosen = bench.variants(
+        ["mtp", "clp", "verify"], tau=0.5, taus=[0.9], ks=[1, 2], heads_k=2, lookups=[0]
+    )
     assert [v.name for v in chosen] == [
-        "ar", "mtp", "clp", "verify", "clp@tau=0.9", "verify@tau=0.9", "mtp@k=1", "verify@k=1"
+        "ar", "mtp", "clp", "verify", "clp@tau=0.9", "verify@tau=0.9", "mtp@k=1", "verify@k=1",
+        "verify@lookup=0",
     ]  # fmt: skip
     result = bench.run(model, chosen, docs, max_new_tokens=12, out=tmp_path, progress=False)
     files = bench.save(result, tmp_path)
@@ -202,7 +218,8 @@ def test_bench_reports_every_mode_consistently(model, tmp_path):
     modes = saved["modes"]
     assert modes["verify"]["agreement_with_ar"]["identical"] == 1.0
     assert modes["verify@k=1"]["agreement_with_ar"]["identical"] == 1.0
-    assert list(modes["verify@k=1"]["acceptance_by_offset"]) == ["1"]
+    assert modes["verify@lookup=0"]["agreement_with_ar"]["identical"] == 1.0
+    assert list(modes["verify@lookup=0"]["acceptance_by_offset"]) == ["1", "2"]  # heads only
     assert modes["mtp"]["tokens_per_forward"] == 3.0
     assert modes["mtp@k=1"]["accepted_length_histogram"].keys() <= {"0", "1"}
     assert set(saved["by_category"]) == {"a", "b", "c"}

@@ -17,6 +17,7 @@ from clp.runtime import TransformersRuntime
 
 MODES = ("ar", "mtp", "gate", "clp", "clp+", "verify", "competing", "lookup")
 DEFAULT_TAU = 0.8
+DEFAULT_LOOKUP = 4  # verify: drafts copied after an earlier occurrence of the last bigram
 RUNTIMES = ("transformers", "llama.cpp")
 
 
@@ -88,13 +89,19 @@ class Model:
             )
         return self._loaded[kind]
 
-    def policy(self, mode: str, tau: float | None = None, k: int | None = None) -> Policy:
+    def policy(
+        self, mode: str, tau: float | None = None, k: int | None = None, lookup: int | None = None
+    ) -> Policy:
         """The decoding policy of ``mode``; ``k`` runs only the first k heads (mtp and verify:
-        the predictors and the gate are trained for the heads' own k)."""
+        the predictors and the gate are trained for the heads' own k). ``lookup`` (verify
+        only, default 4): when the last two tokens occurred before, the drafts are the
+        ``lookup`` tokens that followed them, not the heads'; 0: always the heads'."""
         if mode not in MODES:
             raise ClpError(f"unknown mode '{mode}'; available: {', '.join(MODES)}")
         if tau is not None and tau < 0:
             raise ClpError(f"tau must be >= 0, got {tau}")
+        if lookup is not None and (mode != "verify" or lookup < 0):
+            raise ClpError(f"lookup is a number >= 0 of drafts for mode verify, not for {mode}")
         if mode == "ar":
             return Policy()
         if mode == "lookup":
@@ -114,9 +121,9 @@ class Model:
         if mode == "gate":
             return policies.Gated(heads, self.predictor("gate"))
         if mode == "verify":
-            if tau is None:
-                return policies.Verified(heads)
-            return policies.Verified(heads, self.predictor("clp"), tau)
+            predictor = self.predictor("clp") if tau is not None else None
+            lookup = DEFAULT_LOOKUP if lookup is None else lookup
+            return policies.Verified(heads, predictor, tau or 0.0, lookup)
         cls = policies.PredictedLength if mode == "clp" else policies.PredictedLengthPlus
         return cls(heads, self.predictor(mode), DEFAULT_TAU if tau is None else tau)
 
@@ -126,6 +133,7 @@ class Model:
         mode: str = "ar",
         tau: float | None = None,
         k: int | None = None,
+        lookup: int | None = None,
         max_new_tokens: int = 128,
         temperature: float = 0.0,
         top_k: int = 0,
@@ -136,7 +144,7 @@ class Model:
         on_text: Callable[[str], None] | None = None,
     ) -> Result:
         """Decode a text prompt (chat-formatted unless ``raw``) or a list of token ids."""
-        policy = self.policy(mode, tau, k)
+        policy = self.policy(mode, tau, k, lookup)
         ids = prompt if isinstance(prompt, list) else encode_prompt(self.tokenizer, prompt, raw)
         return generate(
             self.runtime,

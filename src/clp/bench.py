@@ -40,14 +40,21 @@ class Variant:
     mode: str
     tau: float | None = None
     k: int | None = None  # heads truncated to their first k (None: all of them)
+    lookup: int | None = None  # verify's lookup drafts (None: the default)
 
 
 def variants(
-    modes: list[str], tau: float | None = None, taus=(), ks=(), heads_k: int | None = None
+    modes: list[str],
+    tau: float | None = None,
+    taus=(),
+    ks=(),
+    heads_k: int | None = None,
+    lookups=(),
 ) -> list[Variant]:
     """``ar`` first, then each mode at the main tau; then the tau sweep of ``clp`` / ``clp+``
-    (and of ``verify``, where the clp predictor decides how many drafts to send) and the k
-    sweep of ``mtp`` / ``verify`` (heads truncated), each under its own name."""
+    (and of ``verify``, where the clp predictor decides how many drafts to send), the k
+    sweep of ``mtp`` / ``verify`` (heads truncated) and the sweep of ``verify``'s lookup
+    drafts, each under its own name."""
     bad = [m for m in modes if m not in MODES and m not in BASELINES]
     if bad:
         raise ClpError(
@@ -63,11 +70,13 @@ def variants(
     for k in ks:
         if k != heads_k:
             out += [Variant(f"{m}@k={k}", m, k=k) for m in ("mtp", "verify") if m in modes]
+    if "verify" in modes:
+        out += [Variant(f"verify@lookup={n}", "verify", lookup=n) for n in lookups]
     seen: set = set()
     unique = []
     for v in out:
-        if (v.mode, v.tau, v.k) not in seen:
-            seen.add((v.mode, v.tau, v.k))
+        if (v.mode, v.tau, v.k, v.lookup) not in seen:
+            seen.add((v.mode, v.tau, v.k, v.lookup))
             unique.append(v)
     return unique
 
@@ -123,7 +132,9 @@ def run_one(model: Model, v: Variant, ids: list[int], max_new_tokens: int, looku
     if v.mode == "prompt-lookup":
         return hf_generate(model, ids, max_new_tokens, lookup)
     k = lookup if v.mode == "lookup" else v.k
-    res = model.generate(ids, mode=v.mode, tau=v.tau, k=k, max_new_tokens=max_new_tokens)
+    res = model.generate(
+        ids, mode=v.mode, tau=v.tau, k=k, lookup=v.lookup, max_new_tokens=max_new_tokens
+    )
     s = res.stats
     return {
         "ids": res.token_ids,
@@ -180,7 +191,7 @@ def run(
         raise ClpError("the first variant must be ar: every speedup is against it")
     for v in chosen:  # fail early on missing or mismatched artifacts, before any timing
         if v.mode not in BASELINES:
-            model.policy(v.mode, v.tau, v.k)
+            model.policy(v.mode, v.tau, v.k, v.lookup)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     b = model.backbone

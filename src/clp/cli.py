@@ -82,6 +82,13 @@ def _quiet_transformers() -> None:
     help="clp/clp+: accept while P(L* >= l) >= tau (> 1: none). verify: send only "
     "what the clp predictor accepts at this tau.",
 )
+@click.option(
+    "--lookup",
+    default=None,
+    type=int,
+    help="verify: when the last two tokens occurred before, draft the N tokens that followed "
+    "them instead of the heads' proposals (default 4; 0: always the heads').",
+)
 @HEADS
 @click.option("--max-new-tokens", "-n", default=128, show_default=True, type=int)
 @click.option(
@@ -100,6 +107,7 @@ def generate(
     runtime,
     mode,
     tau,
+    lookup,
     heads,
     max_new_tokens,
     temperature,
@@ -129,6 +137,7 @@ def generate(
         prompt,
         mode=mode,
         tau=tau,
+        lookup=lookup,
         max_new_tokens=max_new_tokens,
         temperature=temperature,
         top_k=top_k,
@@ -186,6 +195,7 @@ SMOKE = {  # the whole benchmark, small: smollm2-135m, every mode, baselines and
     "max_new_tokens": 24,
     "taus": "0.5,0.9",
     "ks": "1,2",
+    "lookups": "0",
 }
 
 
@@ -237,6 +247,13 @@ def _numbers(text: str, kind: type) -> list:
     "(needs heads trained with k >= the largest).",
 )
 @click.option(
+    "--lookups",
+    default="",
+    help="Sweep of verify's lookup drafts, e.g. 0,2: when the last two tokens occurred before, "
+    "that many tokens that followed them are the drafts instead of the heads' (0: always the "
+    "heads'; default 4).",
+)
+@click.option(
     "--lookup-tokens",
     default=3,
     show_default=True,
@@ -275,7 +292,9 @@ def bench(**o) -> None:
     modes = [m for m in o["modes"].split(",") if m]
     ks = _numbers(o["ks"], int)
     heads_k = model.heads().config.k if ks else None
-    chosen = bench_mod.variants(modes, o["tau"], _numbers(o["taus"], float), ks, heads_k)
+    chosen = bench_mod.variants(
+        modes, o["tau"], _numbers(o["taus"], float), ks, heads_k, _numbers(o["lookups"], int)
+    )
     docs = bench_mod.load_prompts(o["prompts"], o["n"], o["every"])
     result = bench_mod.run(
         model,

@@ -81,26 +81,50 @@ class Gated(Policy):
         return accepted
 
 
+def prompt_lookup(tokens: list[int], num_tokens: int, max_ngram: int = 2, min_ngram: int = 1):
+    """The tokens that followed the first earlier occurrence of the sequence's last n-gram
+    (longest n first, down to ``min_ngram``): prompt-lookup decoding's draft."""
+    for n in range(min(max_ngram, len(tokens) - 1), min_ngram - 1, -1):
+        tail = tokens[-n:]
+        for start in range(len(tokens) - n):
+            if tokens[start : start + n] == tail:
+                return tokens[start + n : start + n + num_tokens]
+    return []
+
+
 class Verified(Policy):
     """``verify``: proposals are checked by the backbone in the next forward (lossless).
-    With a predictor, only as many proposals as it accepts are sent."""
+    With a predictor, only as many proposals as it accepts are sent. With ``lookup`` > 0,
+    when the last two tokens occurred earlier in the prompt or output, the ``lookup`` tokens
+    that followed them are the drafts instead of the heads': copied spans (names, code,
+    quoted text) are where the heads miss and a lookup rarely does (see
+    benchmarks/draft_sim.py)."""
 
     name = "verify"
     verifies = True
 
-    def __init__(self, heads: MTPHeads, predictor: LengthPredictor | None = None, tau: float = 0.0):
-        self.heads = heads
+    def __init__(
+        self,
+        heads: MTPHeads,
+        predictor: LengthPredictor | None = None,
+        tau: float = 0.0,
+        lookup: int = 0,
+    ):
+        self.heads, self.lookup = heads, lookup
         self.length = PredictedLength(heads, predictor, tau).length if predictor else None
 
     def propose(self, hidden, tokens, logits):
+        copied = prompt_lookup(tokens, self.lookup, min_ngram=2) if self.lookup else []
+        if copied:
+            return copied
         n = self.length(hidden, tokens, logits) if self.length else None
         return self.heads.propose(hidden, tokens[-1], n) if n != 0 else []
 
 
 class PromptLookup(Policy):
     """``lookup``: prompt-lookup decoding as a baseline on the same loop and runtime — drafts
-    are the tokens that followed the latest n-gram's first earlier occurrence (longest n
-    first), checked by the backbone like ``verify``. No heads, nothing trained."""
+    are ``prompt_lookup``'s, checked by the backbone like ``verify``. No heads, nothing
+    trained."""
 
     name = "lookup"
     verifies = True
@@ -109,12 +133,7 @@ class PromptLookup(Policy):
         self.num_tokens, self.max_ngram = num_tokens, max_ngram
 
     def propose(self, hidden, tokens, logits):
-        for n in range(min(self.max_ngram, len(tokens) - 1), 0, -1):
-            tail = tokens[-n:]
-            for start in range(len(tokens) - n):
-                if tokens[start : start + n] == tail:
-                    return tokens[start + n : start + n + self.num_tokens]
-        return []
+        return prompt_lookup(tokens, self.num_tokens, self.max_ngram)
 
 
 class Competing(Policy):
