@@ -3,9 +3,28 @@
 `verify` is lossless, so its output is the `ar` output; which drafts it accepts depends
 only on the decode hidden states and the tokens. This records both during one `ar` run
 per prompt and then replays several draft shapes (chains, small trees, prompt lookup)
-against the known continuation: a cheap way to choose a shape before timing it.
+against the known continuation: a cheap way to choose a shape before timing it. (A tree's
+rows are counted once per distinct prefix; "head 2 reused" chains past the heads' k.)
 
     python benchmarks/draft_sim.py --prompts sharegpt --n 30 --max-new-tokens 96
+
+Session 9 (Zen 4, qwen2.5-coder-0.5b bf16, committed k=2 heads), tokens per forward and rows
+fed per forward; chosen on the held-out ShareGPT prompts, MT-Bench (64 tokens) as a check:
+
+    shape                         ShareGPT 30x96   MT-Bench 80x64
+    chain2 (verify, heads only)   1.646 @ 2.96     1.631 @ 2.96
+    lookup3 (prompt lookup)       1.463 @ 2.51     1.289 @ 2.35
+    tree chain2 + lookup2         2.169 @ 3.90     1.895 @ 3.74
+    bigram2 | chain2              2.032 @ 2.96     1.794 @ 2.96
+    bigram3 | chain2              2.169 @ 3.25     1.843 @ 3.15
+    bigram4 | chain2 (default)    2.246 @ 3.51     1.871 @ 3.31
+    tri4 | bi3 | chain2           2.244 @ 3.40     1.864 @ 3.23
+
+"bigramN | chain2": N tokens copied after the last bigram's earlier occurrence if there is
+one, else the heads' two. A tree needs rows that attend off the first branch; on the
+transformers runtime that cost ~5.5 ms a forward more than a chain of as many rows (Zen 4,
+400-token context: 1/3/4/5-token chains 80.6/85.9/90.2/94.0 ms, 4/5-row trees 95.7/99.3),
+so the chain that picks one source wins.
 """
 
 from __future__ import annotations
@@ -20,6 +39,7 @@ from tqdm import tqdm
 import clp
 from clp.bench import load_prompts
 from clp.decoding import Policy, generate
+from clp.policies import prompt_lookup as lookup
 from clp.prompts import encode_prompt
 
 
@@ -32,20 +52,6 @@ class Recorder(Policy):
     def propose(self, hidden, tokens, logits):
         self.rows.append((hidden.clone(), tokens[-1]))
         return []
-
-
-def lookup(context: list[int], num: int, max_ngram: int = 2, min_ngram: int = 1) -> list[int]:
-    for n in range(min(max_ngram, len(context) - 1), min_ngram - 1, -1):
-        tail = context[-n:]
-        for start in range(len(context) - n):
-            if context[start : start + n] == tail:
-                return context[start + n : start + n + num]
-    return []
-
-
-def _bigram(context: list[int]) -> bool:
-    tail = context[-2:]
-    return any(context[s : s + 2] == tail for s in range(len(context) - 2))
 
 
 def matched(draft: list[int], truth: list[int]) -> int:
