@@ -6,7 +6,9 @@ per prompt and then replays several draft shapes (chains, small trees, prompt lo
 against the known continuation: a cheap way to choose a shape before timing it. (A tree's
 rows are counted once per distinct prefix; "head 2 reused" chains past the heads' k.)
 
-    python benchmarks/draft_sim.py --prompts sharegpt --n 30 --max-new-tokens 96
+    python benchmarks/draft_sim.py --prompts sharegpt --n 30 --max-new-tokens 96 --record runs/sg.pt
+
+(`--record` keeps the recorded runs, so other shapes replay in about a minute.)
 
 Session 9 (Zen 4, qwen2.5-coder-0.5b bf16, committed k=2 heads), tokens per forward and rows
 fed per forward; chosen on the held-out ShareGPT prompts, MT-Bench (64 tokens) as a check:
