@@ -87,6 +87,7 @@ def test_verify_copies_after_a_repeated_bigram_and_asks_the_heads_otherwise(mode
     assert policy.propose(hidden, [5, 6, 7, 8, 9, 1, 6, 7], None) == [8, 9, 1, 6]  # bigram 6 7
     assert policy.propose(hidden, [5, 6, 7, 8, 9, 1, 2, 7], None) == heads  # unigram only
     assert model.policy("verify", lookup=0).propose(hidden, [5, 6, 7, 8, 1, 6, 7], None) == heads
+    assert model.policy("verify", k=1, lookup=0).propose(hidden, [5, 6, 7], None) == heads[:1]
     for mode, n in (("clp", 2), ("verify", -1)):
         with pytest.raises(ClpError, match="lookup is a number >= 0 of drafts for mode verify"):
             model.policy(mode, lookup=n)

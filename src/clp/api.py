@@ -101,7 +101,9 @@ class Model:
         if tau is not None and tau < 0:
             raise ClpError(f"tau must be >= 0, got {tau}")
         if lookup is not None and (mode != "verify" or lookup < 0):
-            raise ClpError(f"lookup is a number >= 0 of drafts for mode verify, not for {mode}")
+            raise ClpError(
+                f"lookup is a number >= 0 of drafts for mode verify; got {lookup} for mode {mode}"
+            )
         if mode == "ar":
             return Policy()
         if mode == "lookup":
