@@ -103,7 +103,13 @@ def test_bench_smoke_runs_everything_with_consistent_numbers(tmp_path):
     for key in ("model", "dtype", "prompts", "n", "max_new_tokens", "modes"):
         assert key in r
     assert (r["model"], r["n"], r["completed_prompts"]) == ("smollm2-135m", 3, 3)
-    for png in ("speed_vs_repetition", "acceptance_by_offset", "accepted_length_histogram"):
+    plots = (
+        "speed_vs_repetition",
+        "speed_vs_nll",
+        "acceptance_by_offset",
+        "accepted_length_histogram",
+    )
+    for png in plots:
         assert (tmp_path / f"{png}.png").stat().st_size > 1000
     names = set(r["modes"])
     assert set(SMOKE["modes"].split(",")) <= names

@@ -13,6 +13,7 @@ from clp.data import Document
 from clp.errors import ClpError
 from clp.features import CacheSpec, build_cache
 from clp.heads import HeadConfig, save_heads
+from clp.metrics import repetition_ratio, standard_error
 from clp.training import new_heads, train_heads
 
 SPEC = CacheSpec("distill", docs_per_shard=8, max_new_tokens=32)
@@ -196,7 +197,7 @@ def test_bench_reports_every_mode_consistently(model, tmp_path):
     ]  # fmt: skip
     result = bench.run(model, chosen, docs, max_new_tokens=12, out=tmp_path, progress=False)
     files = bench.save(result, tmp_path)
-    assert all(f.stat().st_size > 0 for f in files) and len(files) == 5  # json, md, 3 PNGs
+    assert all(f.stat().st_size > 0 for f in files) and len(files) == 6  # json, md, 4 PNGs
     saved = json.loads((tmp_path / "results.json").read_text())
     assert list(saved["modes"]) == [v.name for v in chosen]
     ar = saved["modes"]["ar"]
@@ -225,6 +226,14 @@ def test_bench_reports_every_mode_consistently(model, tmp_path):
     assert modes["mtp@k=1"]["accepted_length_histogram"].keys() <= {"0", "1"}
     assert set(saved["by_category"]) == {"a", "b", "c"}
     assert "| verify |" in (tmp_path / "results.md").read_text()
+    # the spread of the repetition delta: paired over prompts, from the outputs themselves
+    lines = [json.loads(line) for line in (tmp_path / "runs.jsonl").read_text().splitlines()]
+    diffs = [
+        repetition_ratio(x["runs"]["mtp"]["ids"]) - repetition_ratio(x["runs"]["ar"]["ids"])
+        for x in lines
+    ]
+    assert modes["mtp"]["repetition_delta_se"] == pytest.approx(standard_error(diffs), abs=1e-4)
+    assert modes["mtp"]["repetition_delta_se"] > 0 and ar["repetition_delta_se"] == 0
 
 
 def test_bench_resumes_and_refuses_other_settings(model, tmp_path):
@@ -264,3 +273,22 @@ def test_bench_prompt_subsets_spread_over_categories():
     assert len({d.category for d in docs}) == 8
     with pytest.raises(ClpError, match="--every must be >= 1"):
         bench.load_prompts("mtbench", 4, every=0)
+
+
+def test_repetition_and_its_standard_error_follow_their_definitions():
+    assert repetition_ratio([1, 2, 3, 4, 1, 2, 3, 4]) == pytest.approx(1 - 4 / 5)
+    assert repetition_ratio([1, 2, 3]) == 0.0  # no 4-gram at all
+    assert standard_error([1.0, 2.0, 3.0]) == pytest.approx(1 / 3**0.5)
+    assert standard_error([0.5]) == 0.0
+
+
+def test_bench_skip_takes_prompts_disjoint_from_an_earlier_run():
+    from clp import bench
+
+    every = [d.id for d in bench.load_prompts("mtbench", None)]
+    assert [d.id for d in bench.load_prompts("mtbench", 4, skip=10)] == every[10:14]
+    assert [d.id for d in bench.load_prompts("mtbench", 3, every=2, skip=1)] == every[1:7:2]
+    with pytest.raises(ClpError, match="--skip must be >= 0"):
+        bench.load_prompts("mtbench", 4, skip=-1)
+    with pytest.raises(ClpError, match="no prompts in mtbench after the first 80"):
+        bench.load_prompts("mtbench", 4, skip=80)

@@ -23,7 +23,14 @@ from tqdm import tqdm
 from clp.api import DEFAULT_TAU, MODES, Model
 from clp.data import Document, interleave, mtbench, user_files
 from clp.errors import ClpError
-from clp.metrics import backbone_nll, common_prefix_share, distinct_n, mean, repetition_ratio
+from clp.metrics import (
+    backbone_nll,
+    common_prefix_share,
+    distinct_n,
+    mean,
+    repetition_ratio,
+    standard_error,
+)
 from clp.prompts import encode_prompt
 from clp.runtime import stock_kernels
 
@@ -81,20 +88,23 @@ def variants(
     return unique
 
 
-def load_prompts(source: str, n: int | None, every: int = 1) -> list[Document]:
+def load_prompts(source: str, n: int | None, every: int = 1, skip: int = 0) -> list[Document]:
     """The first ``n`` prompts of ``source``, or of every ``every``-th one (a subset spread
-    over MT-Bench's categories, which come in blocks of ten)."""
+    over MT-Bench's categories, which come in blocks of ten), after the first ``skip`` (so
+    a later run can take prompts disjoint from an earlier one's)."""
     if every < 1:
         raise ClpError(f"--every must be >= 1, got {every}")
+    if skip < 0:
+        raise ClpError(f"--skip must be >= 0, got {skip}")
     if source == "mtbench":
         docs = mtbench()
     elif source == "sharegpt":
-        docs = interleave(["sharegpt"], "heldout", n)
+        docs = interleave(["sharegpt"], "heldout", n and skip + n * every)
     else:
         docs = list(user_files(source))
+    docs = docs[skip:][::every]
     if not docs:
-        raise ClpError(f"no prompts in {source}")
-    docs = docs[::every]
+        raise ClpError(f"no prompts in {source}" + (f" after the first {skip}" if skip else ""))
     return docs[:n] if n else docs
 
 
@@ -182,6 +192,7 @@ def run(
     log: Callable[[str], None] = print,
     report_only: bool = False,
     every: int = 1,
+    skip: int = 0,
 ) -> dict:
     """Time every variant on every prompt (rotating their order), resuming from ``out``;
     ``report_only`` summarises what ``out`` holds without running anything."""
@@ -210,6 +221,8 @@ def run(
     }
     if every > 1:  # which prompts: every k-th of the source
         settings["every"] = every
+    if skip:  # ... after the first `skip`
+        settings["skip"] = skip
     records = _resume(out, settings, log, repair=not report_only)
     if report_only:
         if not records:
@@ -297,10 +310,18 @@ def summarise(settings: dict, records: dict, prompts: list[Document]) -> dict:
         ar = {x["prompt"]: x["ids"] for x in pick["ar"] if x["round"] == 0}
         summary = {n: _summarise(pick[n], ar) for n in names}
         base = summary["ar"]
-        for s in summary.values():
+        ar_rep = {i: repetition_ratio(ids) for i, ids in ar.items()}
+        for n, s in summary.items():
             tps = s["tokens_per_second"]
             s["speedup"] = round(tps / base["tokens_per_second"], 4) if tps else 0.0
             s["repetition_delta"] = round(s["repetition_ratio"] - base["repetition_ratio"], 4)
+            # paired over prompts: a few looping outputs dominate seq-rep-4's mean
+            diffs = [
+                repetition_ratio(x["ids"]) - ar_rep[x["prompt"]]
+                for x in pick[n]
+                if x["round"] == 0 and x["prompt"] in ar_rep
+            ]
+            s["repetition_delta_se"] = round(standard_error(diffs), 4)
         return summary
 
     modes = block(None)
@@ -318,6 +339,7 @@ def summarise(settings: dict, records: dict, prompts: list[Document]) -> dict:
         "prompts": ",".join(settings["prompts"]),
         "tau": next((v["tau"] for v in settings["variants"] if v["name"] == "clp"), None),
         "every": settings.get("every", 1),
+        "skip": settings.get("skip", 0),
         "lookup_tokens": settings["lookup_tokens"],
         "completed_prompts": len({i for (_, i) in records}),
         "machine": {
@@ -396,13 +418,15 @@ def markdown(result: dict) -> str:
         f"{result['model']}, {result['dtype']}, runtime {result.get('runtime', 'transformers')}, "
         f"{result['completed_prompts']} of {result['n']} "
         + (f"(every {result['every']}th) " if result.get("every", 1) > 1 else "")
+        + (f"(after the first {result['skip']}) " if result.get("skip") else "")
         + f"{result['prompts']} prompts, {result['max_new_tokens']} new tokens, "
         f"tau={result['tau']}, CPU: {result['machine']['cpu']} "
         f"({result['machine']['threads']} threads)\n\n"
     )
     rows = [
-        "| mode | tok/s | speedup | tokens/forward | acceptance by offset | seq-rep-4 (delta) "
-        "| distinct-2 | identical to ar | common prefix | NLL | policy time |",
+        "| mode | tok/s | speedup | tokens/forward | acceptance by offset "
+        "| seq-rep-4 (delta ± s.e.) | distinct-2 | identical to ar | common prefix | NLL "
+        "| policy time |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for mode, s in result["modes"].items():
@@ -413,7 +437,8 @@ def markdown(result: dict) -> str:
         rows.append(
             f"| {mode} | {s['tokens_per_second']:.2f} | {s['speedup']:.3f}x | "
             f"{s['tokens_per_forward']:.3f} | {acc} | {s['repetition_ratio']:.4f} "
-            f"({s['repetition_delta']:+.4f}) | {s['distinct_2']:.3f} | "
+            f"({s['repetition_delta']:+.4f} ± {s['repetition_delta_se']:.4f}) | "
+            f"{s['distinct_2']:.3f} | "
             f"{s['agreement_with_ar']['identical']:.2f} | "
             f"{s['agreement_with_ar']['common_prefix']:.2f} | {nll} | {policy} |"
         )

@@ -232,6 +232,13 @@ def _numbers(text: str, kind: type) -> list:
     type=int,
     help="Take every K-th prompt first (e.g. --every 5 --n 16: two per MT-Bench category).",
 )
+@click.option(
+    "--skip",
+    default=0,
+    show_default=True,
+    type=int,
+    help="Leave out the first N prompts (a run disjoint from an earlier one's).",
+)
 @click.option("--max-new-tokens", default=128, show_default=True, type=int)
 @click.option("--tau", default=None, type=float, help="tau of clp / clp+ (default 0.8).")
 @click.option(
@@ -295,7 +302,7 @@ def bench(**o) -> None:
     chosen = bench_mod.variants(
         modes, o["tau"], _numbers(o["taus"], float), ks, heads_k, _numbers(o["lookups"], int)
     )
-    docs = bench_mod.load_prompts(o["prompts"], o["n"], o["every"])
+    docs = bench_mod.load_prompts(o["prompts"], o["n"], o["every"], o["skip"])
     result = bench_mod.run(
         model,
         chosen,
@@ -308,6 +315,7 @@ def bench(**o) -> None:
         log=lambda m: click.echo(m, err=True),
         report_only=o["report"],
         every=o["every"],
+        skip=o["skip"],
     )
     files = bench_mod.save(result, o["out"], plots=not o["no_plots"])
     click.echo(bench_mod.markdown(result))

@@ -11,6 +11,16 @@ def repetition_ratio(ids: list[int], n: int = 4) -> float:
     return 1 - len(set(grams)) / len(grams) if grams else 0.0
 
 
+def standard_error(values: list[float]) -> float:
+    """Standard error of the mean (0 for fewer than two values): how far a mean over these
+    prompts could move on other prompts like them."""
+    n = len(values)
+    if n < 2:
+        return 0.0
+    m = sum(values) / n
+    return (sum((v - m) ** 2 for v in values) / (n - 1) / n) ** 0.5
+
+
 def distinct_n(ids: list[int], n: int = 2) -> float:
     """Unique n-grams / all n-grams of one output."""
     grams = [tuple(ids[i : i + n]) for i in range(len(ids) - n + 1)]

@@ -1,5 +1,5 @@
-"""PNG plots of a benchmark result: speed against repetition, acceptance by offset, and the
-accepted-length histogram."""
+"""PNG plots of a benchmark result: speed against repetition and against the backbone's NLL,
+acceptance by offset, and the accepted-length histogram."""
 
 from __future__ import annotations
 
@@ -19,15 +19,18 @@ def _title(result: dict) -> str:
     )
 
 
-def speed_vs_repetition(result: dict, path: Path) -> Path:
-    """Each variant as a point; the tau sweeps (clp, clp+, verify) joined into curves whose
-    points are labelled by tau alone, so a sweep stays readable."""
+def speed_vs_quality(result: dict, path: Path, measure: str, xlabel: str) -> Path:
+    """Speedup against one quality measure's difference from ``ar`` (seq-rep-4, or the
+    backbone's NLL of the outputs: repetition alone misses text that is fluent but not what
+    the backbone would write). Each variant is a point; the tau sweeps (clp, clp+, verify) are
+    joined into curves whose points are labelled by tau alone, so a sweep stays readable."""
     fig, ax = plt.subplots(figsize=(7, 5))
     modes = result["modes"]
+    base = modes["ar"][measure]
     on_curve = set()
     for family in ("clp", "clp+", "verify"):
         pts = sorted(
-            (s["variant"]["tau"], s["repetition_delta"], s["speedup"], name)
+            (s["variant"]["tau"], s[measure] - base, s["speedup"], name)
             for name, s in modes.items()
             if s["variant"]["mode"] == family and s["variant"]["tau"] is not None
         )
@@ -38,11 +41,11 @@ def speed_vs_repetition(result: dict, path: Path) -> Path:
                 on_curve.add(name)
     for name, s in modes.items():
         if name not in on_curve:
-            ax.scatter(s["repetition_delta"], s["speedup"], s=30, color="black")
-            ax.annotate(name, (s["repetition_delta"], s["speedup"]), fontsize=8)
+            ax.scatter(s[measure] - base, s["speedup"], s=30, color="black")
+            ax.annotate(name, (s[measure] - base, s["speedup"]), fontsize=8)
     ax.axhline(1.0, color="grey", lw=0.8, ls="--")
     ax.axvline(0.0, color="grey", lw=0.8, ls="--")
-    ax.set_xlabel("repetition ratio (seq-rep-4) minus ar's")
+    ax.set_xlabel(xlabel)
     ax.set_ylabel("speedup over ar (same run)")
     ax.set_title(_title(result), fontsize=9)
     if ax.get_legend_handles_labels()[0]:
@@ -105,8 +108,12 @@ def accepted_length_histogram(result: dict, path: Path) -> Path:
 
 
 def plot_all(result: dict, out: Path) -> list[Path]:
-    return [
-        speed_vs_repetition(result, out / "speed_vs_repetition.png"),
+    rep = "repetition ratio (seq-rep-4) minus ar's"
+    files = [speed_vs_quality(result, out / "speed_vs_repetition.png", "repetition_ratio", rep)]
+    if all(s["backbone_nll"] is not None for s in result["modes"].values()):
+        nll = "backbone NLL of the outputs (nats/token) minus ar's"
+        files.append(speed_vs_quality(result, out / "speed_vs_nll.png", "backbone_nll", nll))
+    return files + [
         acceptance_by_offset(result, out / "acceptance_by_offset.png"),
         accepted_length_histogram(result, out / "accepted_length_histogram.png"),
     ]
