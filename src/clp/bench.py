@@ -310,18 +310,10 @@ def summarise(settings: dict, records: dict, prompts: list[Document]) -> dict:
         ar = {x["prompt"]: x["ids"] for x in pick["ar"] if x["round"] == 0}
         summary = {n: _summarise(pick[n], ar) for n in names}
         base = summary["ar"]
-        ar_rep = {i: repetition_ratio(ids) for i, ids in ar.items()}
-        for n, s in summary.items():
+        for s in summary.values():
             tps = s["tokens_per_second"]
             s["speedup"] = round(tps / base["tokens_per_second"], 4) if tps else 0.0
             s["repetition_delta"] = round(s["repetition_ratio"] - base["repetition_ratio"], 4)
-            # paired over prompts: a few looping outputs dominate seq-rep-4's mean
-            diffs = [
-                repetition_ratio(x["ids"]) - ar_rep[x["prompt"]]
-                for x in pick[n]
-                if x["round"] == 0 and x["prompt"] in ar_rep
-            ]
-            s["repetition_delta_se"] = round(standard_error(diffs), 4)
         return summary
 
     modes = block(None)
@@ -381,6 +373,9 @@ def _summarise(rs: list[dict], ar: dict[int, list[int]]) -> dict:
     else:  # external baselines report no per-step detail
         by_offset = {}
     outputs = {x["prompt"]: x["ids"] for x in rs if x["round"] == 0}
+    reps = {i: repetition_ratio(v) for i, v in outputs.items()}
+    # paired over prompts: a few looping outputs dominate seq-rep-4's mean
+    rep_diffs = [r - repetition_ratio(ar[i]) for i, r in reps.items() if i in ar]
     nlls = [x["nll"] for x in rs if x["round"] == 0 and "nll" in x]
     return {
         "tokens_per_second": round(tokens / seconds, 3) if seconds else 0.0,
@@ -391,7 +386,8 @@ def _summarise(rs: list[dict], ar: dict[int, list[int]]) -> dict:
         "policy_share": round(policy_share, 4) if policy_share is not None else None,
         "acceptance_by_offset": by_offset,
         "accepted_length_histogram": {str(j): c for j, c in sorted(hist.items())},
-        "repetition_ratio": round(mean(repetition_ratio(v) for v in outputs.values()), 4),
+        "repetition_ratio": round(mean(reps.values()), 4),
+        "repetition_delta_se": round(standard_error(rep_diffs), 4),
         "distinct_2": round(mean(distinct_n(v) for v in outputs.values()), 4),
         "agreement_with_ar": {
             "identical": round(mean(v == ar.get(i) for i, v in outputs.items()), 4),

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import statistics
+
 import torch
 
 
@@ -14,11 +16,7 @@ def repetition_ratio(ids: list[int], n: int = 4) -> float:
 def standard_error(values: list[float]) -> float:
     """Standard error of the mean (0 for fewer than two values): how far a mean over these
     prompts could move on other prompts like them."""
-    n = len(values)
-    if n < 2:
-        return 0.0
-    m = sum(values) / n
-    return (sum((v - m) ** 2 for v in values) / (n - 1) / n) ** 0.5
+    return statistics.stdev(values) / len(values) ** 0.5 if len(values) > 1 else 0.0
 
 
 def distinct_n(ids: list[int], n: int = 2) -> float:

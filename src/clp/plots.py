@@ -41,8 +41,9 @@ def speed_vs_quality(result: dict, path: Path, measure: str, xlabel: str) -> Pat
                 on_curve.add(name)
     for name, s in modes.items():
         if name not in on_curve:
-            ax.scatter(s[measure] - base, s["speedup"], s=30, color="black")
-            ax.annotate(name, (s[measure] - base, s["speedup"]), fontsize=8)
+            x = s[measure] - base
+            ax.scatter(x, s["speedup"], s=30, color="black")
+            ax.annotate(name, (x, s["speedup"]), fontsize=8)
     ax.axhline(1.0, color="grey", lw=0.8, ls="--")
     ax.axvline(0.0, color="grey", lw=0.8, ls="--")
     ax.set_xlabel(xlabel)
