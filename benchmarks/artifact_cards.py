@@ -56,7 +56,8 @@ def predictor_card(folder: Path, name: str) -> list[str]:
     cfg = json.loads((folder / f"{name}.json").read_text())
     r = cfg["training"]["heldout"]
     lines = [
-        f"**{cfg['kind']}** ({r['parameters']:,} parameters): label distribution L*=0..k "
+        f"**{cfg['kind']}** ({r['parameters']:,} parameters, trained on "
+        f"{r.get('train_rows', 0):,} calib rows): label distribution L*=0..k "
         f"{r['label_distribution']}"
     ]
     if "accuracy" in r:

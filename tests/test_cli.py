@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
@@ -89,3 +91,28 @@ def test_models_lists_the_bundled_backbones():
     assert r.exit_code == 0
     for name in ("smollm2-135m", "qwen2.5-coder-0.5b", "qwen2.5-coder-1.5b"):
         assert name in r.stdout
+
+
+def test_train_predictor_extends_the_calib_cache(tiny_dir, tmp_path):
+    data = tmp_path / "prompts.jsonl"
+    lines = [json.dumps({"prompt": f"question {i}: " + "xyz"[i % 3] * (i % 7)}) for i in range(400)]
+    data.write_text("\n".join(lines))
+    heads = str(tmp_path / "heads")
+    r = cli(
+        "train", "heads", "-m", tiny_dir, "--data", str(data), "--cache", str(tmp_path / "cache"),
+        "--train-docs", "8", "--heldout-docs", "3", "--calib-docs", "3", "--max-new-tokens", "6",
+        "--epochs", "1", "--draft-vocab", "0", "--feature-loss", "0", "--out", heads,
+    )  # fmt: skip
+    assert r.exit_code == 0, r.output
+
+    def rows_trained_on(*extra):
+        r = cli("train", "predictor", "--heads", heads, "--kind", "clp", *extra)
+        assert r.exit_code == 0, r.output
+        return int(re.search(r"trained on ([\d,]+) rows", r.output)[1].replace(",", ""))
+
+    before = rows_trained_on()
+    extended = rows_trained_on("--calib-docs", "12")
+    config = json.loads(Path(heads, "config.json").read_text())
+    calib = Path(config["training"]["data"]["caches"]["calib"])
+    assert json.loads((calib / "meta.json").read_text())["documents"] == 12
+    assert extended > before

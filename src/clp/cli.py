@@ -476,6 +476,15 @@ def train_heads_cmd(data, **options) -> None:
     click.echo(json.dumps(report, indent=1))
 
 
+CALIB_DOCS = click.option(
+    "--calib-docs",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Train on this many calib documents, self-distilling those the heads' calib cache "
+    "lacks (default: the documents it holds).",
+)
+
+
 @train.command("predictor")
 @click.option("--heads", "heads_dir", required=True, help="Folder of trained heads.")
 @click.option(
@@ -486,24 +495,29 @@ def train_heads_cmd(data, **options) -> None:
     help="clp: the paper's linear layer on h_n; clp+: with confidences.",
 )
 @click.option("--balanced", is_flag=True, help="Weight classes by inverse frequency (sqrt).")
-def train_predictor_cmd(heads_dir, kind, balanced) -> None:
+@CALIB_DOCS
+def train_predictor_cmd(heads_dir, kind, balanced, calib_docs) -> None:
     """Train the CLP length predictor(s) on data the heads never saw; saved beside the heads."""
-    _train_predictors(heads_dir, ["clp", "clp+"] if kind == "all" else [kind], balanced)
+    kinds = ["clp", "clp+"] if kind == "all" else [kind]
+    _train_predictors(heads_dir, kinds, balanced, calib_docs)
 
 
 @train.command("gate")
 @click.option("--heads", "heads_dir", required=True, help="Folder of trained heads.")
-def train_gate_cmd(heads_dir) -> None:
+@CALIB_DOCS
+def train_gate_cmd(heads_dir, calib_docs) -> None:
     """Train the prior-work baseline: a ~1M-parameter per-position accept gate."""
-    _train_predictors(heads_dir, ["gate"], False)
+    _train_predictors(heads_dir, ["gate"], False, calib_docs)
 
 
-def _train_predictors(heads_dir: str, kinds: list[str], balanced: bool) -> None:
+def _train_predictors(
+    heads_dir: str, kinds: list[str], balanced: bool, calib_docs: int | None
+) -> None:
     from clp.pipeline import train_predictors_pipeline
 
     _quiet_transformers()
     results = train_predictors_pipeline(
-        heads_dir, kinds, balanced, log=lambda m: click.echo(m, err=True)
+        heads_dir, kinds, balanced, calib_docs, log=lambda m: click.echo(m, err=True)
     )
     for kind, r in results.items():
         click.echo(

@@ -87,10 +87,19 @@ class FeatureCache:
             meta = {**meta, "documents": max(meta["documents"], old.get("documents", 0))}
         _atomic_write_text(path, json.dumps(meta, indent=1))
 
-    def write_shard(self, i: int, tensors: dict[str, torch.Tensor]) -> None:
+    def write_shard(self, i: int, tensors: dict[str, torch.Tensor], documents: int) -> None:
         tmp = self.shard_path(i).with_suffix(".tmp")
-        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
+        tensors = {k: v.contiguous() for k, v in tensors.items()}
+        save_file(tensors, str(tmp), metadata={"documents": str(documents)})
         os.replace(tmp, self.shard_path(i))
+
+    def shard_documents(self, i: int) -> int:
+        """Documents shard i was built from (0 if missing): a last shard holding fewer than a
+        larger run needs is rebuilt. Shards from before this was recorded count as full."""
+        if not self.shard_path(i).is_file():
+            return 0
+        with safe_open(str(self.shard_path(i)), "pt") as f:
+            return int((f.metadata() or {}).get("documents", 1 << 30))
 
     def load(self, max_rows: int = 0) -> dict[str, torch.Tensor]:
         """The shards concatenated, ``doc`` made unique across shards; with ``max_rows`` only
@@ -233,15 +242,17 @@ def build_cache(
             "spec": spec.__dict__,
         }
     )
-    todo = [i for i in range(n_shards) if not cache.shard_path(i).is_file()]
+    chunks = [docs[i : i + spec.docs_per_shard] for i in range(0, len(docs), spec.docs_per_shard)]
+    todo = [i for i, chunk in enumerate(chunks) if cache.shard_documents(i) < len(chunk)]
+    if not todo:
+        return cache
     tokens, start = 0, time.perf_counter()
     bar = tqdm(total=len(todo), desc=f"features ({spec.mode})", unit="shard", mininterval=5)
     if len(todo) < n_shards:
         bar.write(f"resuming: {n_shards - len(todo)} of {n_shards} shards already done")
     for i in todo:
-        chunk = docs[i * spec.docs_per_shard : (i + 1) * spec.docs_per_shard]
-        rows = _shard_rows(backbone, chunk, spec, batch_size, distill)
-        cache.write_shard(i, rows)
+        rows = _shard_rows(backbone, chunks[i], spec, batch_size, distill)
+        cache.write_shard(i, rows, len(chunks[i]))
         tokens += len(rows["doc"])
         bar.update(1)
         bar.set_postfix(tok_s=f"{tokens / (time.perf_counter() - start):.0f}", rows=tokens)

@@ -208,8 +208,9 @@ def timed(fn: Callable[[], object], repeats: int = 30) -> float:
 @torch.inference_mode()
 def decode_step_forward(runtime: Runtime, repeats: int = 30):
     """Seconds of the forward a decode step rides on (one token after a ~100-token cache),
-    with that position's hidden state, logits and tokens: what per-step extras are timed on."""
-    tokens = list(range(100, 200)) + [42]
+    with that position's hidden state, logits and tokens: what per-step extras are timed on.
+    Token ids wrap at the vocabulary size, so tiny test vocabularies work too."""
+    tokens = [i % runtime.vocab_size for i in [*range(100, 200), 42]]
     runtime.reset()
     hidden = runtime.feed(tokens)[-1]
     logits = runtime.logits(1)[0]
