@@ -111,7 +111,7 @@ def test_train_predictor_extends_the_calib_cache(tiny_dir, tmp_path):
         return int(re.search(r"trained on ([\d,]+) rows", r.output)[1].replace(",", ""))
 
     before = rows_trained_on()
-    extended = rows_trained_on("--calib-docs", "12")
+    extended = rows_trained_on("--calib-docs", "12")  # shard 0 held 3: rebuilt, not kept
     config = json.loads(Path(heads, "config.json").read_text())
     calib = Path(config["training"]["data"]["caches"]["calib"])
     assert json.loads((calib / "meta.json").read_text())["documents"] == 12
