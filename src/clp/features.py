@@ -231,7 +231,8 @@ def build_cache(
 ) -> FeatureCache:
     """Fill (or resume) a feature cache over ``docs``; progress shows tokens/s and the ETA.
     ``distill`` answers a batch of prompts (default: ``distill_batch`` on the backbone)."""
-    n_shards = (len(docs) + spec.docs_per_shard - 1) // spec.docs_per_shard
+    chunks = [docs[i : i + spec.docs_per_shard] for i in range(0, len(docs), spec.docs_per_shard)]
+    n_shards = len(chunks)
     cache = FeatureCache(root, limit=n_shards)
     cache.write_meta(
         {
@@ -242,7 +243,6 @@ def build_cache(
             "spec": spec.__dict__,
         }
     )
-    chunks = [docs[i : i + spec.docs_per_shard] for i in range(0, len(docs), spec.docs_per_shard)]
     todo = [i for i, chunk in enumerate(chunks) if cache.shard_documents(i) < len(chunk)]
     if not todo:
         return cache

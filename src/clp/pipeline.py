@@ -250,5 +250,6 @@ def extend_calib(backbone, data: dict, n: int, log) -> FeatureCache:
         log(f"calib: only {len(docs)} documents in {', '.join(data['sources'])}")
     log(f"calib: {len(docs)} documents (distill) -> {root}")
     runtime = data.get("distill_runtime", "transformers")
-    distill = _distiller(backbone, runtime, 32, spec.max_new_tokens)
-    return build_cache(backbone, docs, root, spec, 32, distill)
+    batch = 32  # sequences generated together, as the heads' recipe does by default
+    distill = _distiller(backbone, runtime, batch, spec.max_new_tokens)
+    return build_cache(backbone, docs, root, spec, batch, distill)
