@@ -100,6 +100,7 @@ def train_heads_pipeline(
     init: str | None = None,
     features_only: bool = False,
     distill_runtime: str = "transformers",
+    context: bool = False,
     log=print,
 ) -> dict:
     backbone = load_backbone(model, feature_dtype())
@@ -119,14 +120,16 @@ def train_heads_pipeline(
         return {split: str(c.root) for split, c in caches.items()}
     train_data = caches["train"].load(max_rows=train_tokens)
     heldout = caches["heldout"].load()
-    config = HeadConfig(arch=arch, k=k, layers=layers)
+    config = HeadConfig(arch=arch, k=k, layers=layers, context=context)
+    config.validate()
     if init:
         heads = warm_heads(init, config, backbone, draft_vocab)
         log(f"starting from the heads at {init}")
     else:
         heads = new_heads(config, backbone, train_data, draft_vocab)
+    kind = f"{arch} + context" if context else arch
     log(
-        f"{arch} heads, k={k}: {heads.trainable_parameters():,} trainable parameters, "
+        f"{kind} heads, k={k}: {heads.trainable_parameters():,} trainable parameters, "
         f"draft vocabulary {len(heads.draft_ids):,}, {len(train_data['doc']):,} training rows"
     )
     info = train_heads(
@@ -171,7 +174,7 @@ def head_overhead(heads: MTPHeads, backbone, repeats: int = 30) -> dict:
     """Per-step cost of proposing with all heads, as a share of one backbone forward of one
     token with a ~100-token cache (the decode step it rides on), both in the backbone's dtype;
     with the reduced draft vocabulary and with the full one."""
-    from clp.heads import frozen_weights
+    from clp.heads import ReplyContext, frozen_weights
     from clp.runtime import TransformersRuntime, decode_step_forward, timed
 
     base, h, _, _ = decode_step_forward(TransformersRuntime(backbone), repeats)
@@ -184,7 +187,8 @@ def head_overhead(heads: MTPHeads, backbone, repeats: int = 30) -> dict:
             heads.config, *frozen_weights(backbone, backbone.dtype), draft_ids=draft_ids
         ).to(backbone.dtype)
         copy.load_state_dict(heads.state_dict())
-        ms = timed(lambda c=copy: c.propose(h, 42), repeats)
+        # a context head's step includes taking the current position into its context
+        ms = timed(lambda c=copy: c.propose(h, 42, ReplyContext(c).advance(h[None], [42])), repeats)
         result[f"{label}_ms"] = round(ms * 1e3, 2)
         result[f"{label}_share"] = round(ms / base, 4)
     return result
