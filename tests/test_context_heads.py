@@ -60,6 +60,23 @@ def test_context_advanced_piece_by_piece_equals_the_whole_reply_at_once(trained)
             break
 
 
+def test_past_the_trained_window_only_the_latest_positions_are_attended(trained):
+    heads, data, _, _ = trained
+    assert heads.config.context_window == int(Documents(data["doc"]).lengths.max())
+    docs = Documents(data["doc"])
+    longest = int(docs.lengths.argmax())
+    start, length = int(docs.starts[longest]), int(docs.lengths[longest])
+    hidden, nxt = data["hidden"][start : start + length], data["next"][start : start + length]
+    reply = ReplyContext(heads)
+    reply.window = 4
+    for t in range(length):
+        got = reply.advance(hidden[t : t + 1], [int(nxt[t])])
+        lo = max(0, t - 3)  # the window: this position and the three before it
+        want, _ = heads.context(hidden[None, lo : t + 1].float(), nxt[None, lo : t + 1], start=lo)
+        torch.testing.assert_close(got, want[0, -1], atol=1e-5, rtol=1e-5)
+    assert reply.past[0].shape[2] == 4 and reply.length == length
+
+
 class Recording:
     """Wraps a head policy: keeps the context it had at each step, and the step's length."""
 

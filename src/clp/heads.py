@@ -42,6 +42,7 @@ class HeadConfig:
     layers: int = 1  # blocks per head
     mlp_ratio: float = 2.0
     context: bool = False  # chain only: head 1 attends over the reply so far
+    context_window: int = 0  # the longest reply context heads were trained on (0: unknown)
     fingerprint: dict = field(default_factory=dict)
     training: dict = field(default_factory=dict)  # data, steps, held-out metrics
 
@@ -123,19 +124,22 @@ class ContextAttention(nn.Module):
         self.out = nn.Linear(d, d, bias=False)
         nn.init.zeros_(self.out.weight)
 
-    def forward(self, x: torch.Tensor, past: Past | None = None) -> tuple[torch.Tensor, Past]:
-        """x [B, T, d] at positions after ``past``: (output [B, T, d], keys and values of
-        past and x)."""
+    def forward(
+        self, x: torch.Tensor, past: Past | None = None, start: int | None = None
+    ) -> tuple[torch.Tensor, Past]:
+        """x [B, T, d] at positions ``start``.. (default: right after ``past``), attending
+        over ``past`` and itself: (output [B, T, d], keys and values of past and x)."""
         B, T, d = x.shape
         q, k, v = (
             t.view(B, T, self.heads, -1).transpose(1, 2)
             for t in self.qkv(self.norm(x)).chunk(3, dim=-1)
         )
-        start = 0 if past is None else past[0].shape[2]
+        cached = 0 if past is None else past[0].shape[2]
+        start = cached if start is None else start
         q, k = rotate(q, start), rotate(k, start)
         if past is not None:
             k, v = torch.cat([past[0], k], 2), torch.cat([past[1], v], 2)
-        mask = torch.ones(T, start + T, dtype=torch.bool).tril(start)
+        mask = torch.ones(T, cached + T, dtype=torch.bool).tril(cached)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         return self.out(y.transpose(1, 2).reshape(B, T, d)), (k, v)
 
@@ -223,13 +227,18 @@ class MTPHeads(nn.Module):
         return [self.draft_logits(s) for s in self.states(hidden, tokens, context)]
 
     def context(
-        self, hidden: torch.Tensor, next_ids: torch.Tensor, past: Past | None = None
+        self,
+        hidden: torch.Tensor,
+        next_ids: torch.Tensor,
+        past: Past | None = None,
+        start: int | None = None,
     ) -> tuple[torch.Tensor, Past]:
         """Head 1's attention over reply positions [B, T] (h_i and the token x_{i+1} that
         followed), each position seeing itself and those before it, after ``past``:
         (context [B, T, d] for ``states`` / ``chain``, keys and values for the next call)."""
         step = self.steps[0]
-        return step.attention(step.mix(hidden, self.embedding[next_ids].to(hidden.dtype)), past)
+        x = step.mix(hidden, self.embedding[next_ids].to(hidden.dtype))
+        return step.attention(x, past, start)
 
     def states(self, hidden: torch.Tensor, tokens: torch.Tensor, context=None) -> list:
         """Each head's output state (what the LM head reads), teacher-forced: [B, d] per head.
@@ -293,24 +302,33 @@ class MTPHeads(nn.Module):
 class ReplyContext:
     """Decoding-time state of a context head: keys and values of the reply's committed
     positions. ``advance`` takes the positions committed since its last call, ending with the
-    current one, and returns head 1's context for the current one (None for other heads)."""
+    current one, and returns head 1's context for the current one (None for other heads).
+    Past the longest reply the heads were trained on, only that many latest positions are
+    kept: no distance the attention never saw."""
 
     def __init__(self, heads: MTPHeads):
         self.heads = heads
-        self.past: Past | None = None
+        self.window = heads.config.context_window
+        self.reset()
 
     def reset(self) -> None:
-        self.past = None
+        self.past: Past | None = None
+        self.length = 0
 
     @torch.inference_mode()
     def advance(self, hidden: torch.Tensor, next_ids: list[int]) -> torch.Tensor | None:
         """``hidden`` [m, d] of the new positions, ``next_ids`` the m tokens that follow them."""
         if not self.heads.config.context:
             return None
+        keep = self.window - len(next_ids)
+        if self.past is not None and self.window and self.past[0].shape[2] > keep:
+            self.past = tuple(t[:, :, max(0, self.past[0].shape[2] - keep) :] for t in self.past)
+            self.past = self.past if self.past[0].shape[2] else None
         dtype = self.heads.lm_head.dtype
         out, self.past = self.heads.context(
-            hidden[None].to(dtype), torch.tensor([next_ids]), self.past
+            hidden[None].to(dtype), torch.tensor([next_ids]), self.past, self.length
         )
+        self.length += len(next_ids)
         return out[0, -1]
 
 

@@ -92,6 +92,21 @@ def all_context(heads: MTPHeads, data: dict, docs_per_batch: int = 64) -> torch.
     return out
 
 
+DOCS_PER_STEP = 8
+
+
+def _context_batch(heads, data, rows: Rows, docs: Documents, batch_size: int, seed: int):
+    """A training batch for context heads: ``batch_size`` random rows of DOCS_PER_STEP random
+    replies, with head 1's context at each (attention computed over the whole replies)."""
+    gen = torch.Generator().manual_seed(seed)
+    chosen = torch.randperm(len(docs), generator=gen)[:DOCS_PER_STEP]
+    index, mask = docs.padded(chosen)
+    usable = rows.valid[index[mask]]
+    take = torch.randperm(int(usable.sum()), generator=gen)[:batch_size]
+    context = reply_context(heads, data, index, mask)[usable][take]
+    return index[mask][usable][take], context
+
+
 def draft_vocabulary(greedy: torch.Tensor, size: int, vocab_size: int) -> torch.Tensor | None:
     """The ``size`` most frequent backbone tokens in the training data (None: full vocab)."""
     if not size or size >= vocab_size:
@@ -130,11 +145,13 @@ def train_heads(
         raise ClpError("the feature cache has no rows long enough for these heads")
     to_draft = _target_map(heads.draft_ids, heads.config.vocab_size)
     scale = data["hidden"][:4096].float().pow(2).mean().sqrt().clamp(min=1e-6)
-    # context heads train on whole replies (about batch_size rows a step), others on rows
+    # context heads read whole replies: each step attends over DOCS_PER_STEP random replies
+    # and takes its batch_size rows from them (as varied a batch as plain row sampling)
     docs = Documents(data["doc"]) if heads.config.context else None
-    units = len(docs) if docs else len(rows.index)
-    per_step = max(1, round(batch_size * len(docs) / docs.rows)) if docs else batch_size
-    steps_per_epoch = math.ceil(units / per_step)
+    if docs:  # decoding keeps no more positions than training showed
+        longest = int(docs.lengths.max())
+        heads.config.context_window = max(heads.config.context_window, longest)
+    steps_per_epoch = math.ceil(len(rows.index) / batch_size)
     total = max(1, int(epochs * steps_per_epoch))
     params = [p for p in heads.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
@@ -152,19 +169,18 @@ def train_heads(
         step, losses = state["step"], state["losses"]
         log(f"resuming from step {step} of {total}")
     gen = torch.Generator().manual_seed(seed)
-    order = torch.cat([torch.randperm(units, generator=gen) for _ in range(math.ceil(epochs) + 1)])
+    order = torch.cat(
+        [torch.randperm(len(rows.index), generator=gen) for _ in range(math.ceil(epochs) + 1)]
+    )
     heads.train()
     start = time.perf_counter()
     bar = tqdm(total=total, initial=step, desc="training heads", unit="step", mininterval=5)
     while step < total:
-        chosen = order[step * per_step : (step + 1) * per_step]
         context = None
         if docs:
-            index, mask = docs.padded(chosen)
-            keep = rows.valid[index[mask]]
-            pick, context = index[mask][keep], reply_context(heads, data, index, mask)[keep]
+            pick, context = _context_batch(heads, data, rows, docs, batch_size, seed + step)
         else:
-            pick = rows.index[chosen]
+            pick = rows.index[order[step * batch_size : (step + 1) * batch_size]]
         hidden, tokens, targets = rows.batch(pick)
         states = heads.states(hidden.float(), tokens, context)
         loss = _loss([heads.draft_logits(s) for s in states], to_draft[targets])
@@ -205,7 +221,7 @@ def train_heads(
         "lr": lr,
         "feature_loss": feature_loss,
         "rows": len(rows.index),
-        "documents_per_step": per_step if docs else None,
+        "documents_per_step": DOCS_PER_STEP if docs else None,
         "minutes": round((time.perf_counter() - start) / 60, 2),
         "first_loss": round(sum(losses[:20]) / max(1, len(losses[:20])), 4),
         "last_loss": round(sum(losses[-20:]) / max(1, len(losses[-20:])), 4),
