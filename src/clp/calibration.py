@@ -22,7 +22,7 @@ from clp.predictor import (
     save_predictor,
     train_classifier,
 )
-from clp.training import Rows, all_context
+from clp.training import Rows
 
 TAUS = (0.5, 0.7, 0.8, 0.9, 0.95)
 
@@ -41,14 +41,10 @@ def label_rows(
     lm_head = backbone.model.get_output_embeddings()
     k = heads.config.k
     out: dict[str, list[torch.Tensor]] = {"hidden": [], "feats": [], "states": [], "right": []}
-    context = all_context(heads, data)
     for b in range(0, len(index), batch_size):
-        pick = index[b : b + batch_size]
-        hidden, tokens, targets = rows.batch(pick)
+        hidden, tokens, targets = rows.batch(index[b : b + batch_size])
         backbone_logits = lm_head(hidden.to(lm_head.weight.dtype)).float()
-        dtype = heads.lm_head.dtype
-        ctx = None if context is None else context[pick].to(dtype)
-        ids, head_logits, states = heads.chain(hidden.to(dtype), tokens[:, 0], context=ctx)
+        ids, head_logits, states = heads.chain(hidden.to(heads.lm_head.dtype), tokens[:, 0])
         head_logits = [lg.float() for lg in head_logits]
         states = [st.float() for st in states]
         out["hidden"].append(hidden.float())

@@ -393,12 +393,6 @@ def train() -> None:
 @click.option("--k", default=2, show_default=True, type=int, help="Horizon: heads 1..k.")
 @click.option("--layers", default=1, show_default=True, type=int, help="Blocks per head.")
 @click.option(
-    "--context/--no-context",
-    default=False,
-    show_default=True,
-    help="chain: head 1 also attends over the reply so far (EAGLE's draft layer, in brief).",
-)
-@click.option(
     "--draft-vocab",
     default=16384,
     show_default=True,

@@ -81,10 +81,6 @@ class Policy:
         """The token at n+1. Only the competing-head ablation overrides the backbone here."""
         return backbone_token
 
-    def observe(self, hidden: torch.Tensor) -> None:
-        """Called before ``propose`` with the hidden states [m, d] of the positions this step
-        committed before the current one (the reply's, in order; none after the prompt)."""
-
     def propose(self, hidden: torch.Tensor, tokens: list[int], logits: torch.Tensor) -> list[int]:
         return []
 
@@ -250,12 +246,10 @@ def generate(
             runtime.drop_last(len(drafts) - kept)
             committed += out.add(drafts[:kept])
             h, logits, token = rows[kept], all_logits[kept], choices[kept]
-            history = rows[:kept]
         else:
             h = hidden[-1]
             logits = runtime.logits(1)[0]
             token = select(logits)
-            history = hidden[:-1] if stats.forward_passes > 1 else hidden[:0]
         drafts = []
         if not out.stop_reason:
             tick = time.perf_counter()
@@ -264,7 +258,6 @@ def generate(
             committed += out.add([token])
         if not out.stop_reason:
             tick = time.perf_counter()
-            policy.observe(history)
             drafts = policy.propose(h, prompt_ids + out.ids, logits)
             stats.policy_seconds += time.perf_counter() - tick
             if not policy.verifies:  # unverified drafts are final at once

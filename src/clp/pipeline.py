@@ -100,7 +100,6 @@ def train_heads_pipeline(
     init: str | None = None,
     features_only: bool = False,
     distill_runtime: str = "transformers",
-    context: bool = False,
     log=print,
 ) -> dict:
     backbone = load_backbone(model, feature_dtype())
@@ -120,16 +119,14 @@ def train_heads_pipeline(
         return {split: str(c.root) for split, c in caches.items()}
     train_data = caches["train"].load(max_rows=train_tokens)
     heldout = caches["heldout"].load()
-    config = HeadConfig(arch=arch, k=k, layers=layers, context=context)
-    config.validate()
+    config = HeadConfig(arch=arch, k=k, layers=layers)
     if init:
         heads = warm_heads(init, config, backbone, draft_vocab)
         log(f"starting from the heads at {init}")
     else:
         heads = new_heads(config, backbone, train_data, draft_vocab)
-    kind = f"{arch} + context" if context else arch
     log(
-        f"{kind} heads, k={k}: {heads.trainable_parameters():,} trainable parameters, "
+        f"{arch} heads, k={k}: {heads.trainable_parameters():,} trainable parameters, "
         f"draft vocabulary {len(heads.draft_ids):,}, {len(train_data['doc']):,} training rows"
     )
     info = train_heads(
@@ -174,7 +171,7 @@ def head_overhead(heads: MTPHeads, backbone, repeats: int = 30) -> dict:
     """Per-step cost of proposing with all heads, as a share of one backbone forward of one
     token with a ~100-token cache (the decode step it rides on), both in the backbone's dtype;
     with the reduced draft vocabulary and with the full one."""
-    from clp.heads import ReplyContext, frozen_weights
+    from clp.heads import frozen_weights
     from clp.runtime import TransformersRuntime, decode_step_forward, timed
 
     base, h, _, _ = decode_step_forward(TransformersRuntime(backbone), repeats)
@@ -187,8 +184,7 @@ def head_overhead(heads: MTPHeads, backbone, repeats: int = 30) -> dict:
             heads.config, *frozen_weights(backbone, backbone.dtype), draft_ids=draft_ids
         ).to(backbone.dtype)
         copy.load_state_dict(heads.state_dict())
-        # a context head's step includes taking the current position into its context
-        ms = timed(lambda c=copy: c.propose(h, 42, ReplyContext(c).advance(h[None], [42])), repeats)
+        ms = timed(lambda c=copy: c.propose(h, 42), repeats)
         result[f"{label}_ms"] = round(ms * 1e3, 2)
         result[f"{label}_share"] = round(ms / base, 4)
     return result

@@ -9,60 +9,29 @@ from __future__ import annotations
 import torch
 
 from clp.decoding import Policy
-from clp.heads import MTPHeads, ReplyContext
+from clp.heads import MTPHeads
 from clp.predictor import Gate, LengthPredictor, accept_length, confidence_features
 
 
-class HeadPolicy(Policy):
-    """A policy whose drafts come from MTP heads. It keeps a context head's view of the reply
-    up to date every step, whether or not the heads run in it; ``draft`` decides the drafts,
-    with ``self.context`` (head 1's context at the current position, or None) at hand."""
-
-    def __init__(self, heads: MTPHeads):
-        self.heads = heads
-        self.reply = ReplyContext(heads)
-        self.context: torch.Tensor | None = None
-        self._history: torch.Tensor | None = None
-
-    def reset(self) -> None:
-        self.reply.reset()
-
-    def observe(self, hidden):
-        self._history = hidden
-
-    def propose(self, hidden, tokens, logits):
-        if self.heads.config.context:
-            rows = hidden[None]
-            if self._history is not None and len(self._history):
-                rows = torch.cat([self._history.to(hidden.dtype), rows])
-            self.context = self.reply.advance(rows, tokens[-len(rows) :])
-        self._history = None
-        return self.draft(hidden, tokens, logits)
-
-    def draft(self, hidden, tokens, logits) -> list[int]:
-        raise NotImplementedError
-
-    def run_heads(self, hidden, tokens, n: int | None = None):
-        return self.heads.run(hidden, tokens[-1], n, self.context)
-
-
-class AcceptAll(HeadPolicy):
+class AcceptAll(Policy):
     """``mtp``: naive multi-token prediction, every proposal accepted unverified."""
 
     name = "mtp"
 
-    def draft(self, hidden, tokens, logits):
-        return self.run_heads(hidden, tokens)[0]
+    def __init__(self, heads: MTPHeads):
+        self.heads = heads
+
+    def propose(self, hidden, tokens, logits):
+        return self.heads.propose(hidden, tokens[-1])
 
 
-class PredictedLength(HeadPolicy):
+class PredictedLength(Policy):
     """``clp``: the paper's linear predictor on h_n picks L; only heads 1..L run."""
 
     name = "clp"
 
     def __init__(self, heads: MTPHeads, predictor: LengthPredictor, tau: float):
-        super().__init__(heads)
-        self.predictor, self.tau = predictor, tau
+        self.heads, self.predictor, self.tau = heads, predictor, tau
 
     def length(self, hidden, tokens, logits) -> int:
         if self.tau > 1:
@@ -71,9 +40,9 @@ class PredictedLength(HeadPolicy):
             probs = torch.softmax(self.predictor(hidden[None]), -1)
         return int(accept_length(probs, self.tau)[0])
 
-    def draft(self, hidden, tokens, logits):
+    def propose(self, hidden, tokens, logits):
         n = self.length(hidden, tokens, logits)
-        return self.run_heads(hidden, tokens, n)[0] if n else []
+        return self.heads.propose(hidden, tokens[-1], n) if n else []
 
 
 class PredictedLengthPlus(PredictedLength):
@@ -82,29 +51,28 @@ class PredictedLengthPlus(PredictedLength):
 
     name = "clp+"
 
-    def draft(self, hidden, tokens, logits):
+    def propose(self, hidden, tokens, logits):
         if self.tau > 1:
             return []
         with torch.inference_mode():
-            ids, head_logits, _ = self.run_heads(hidden, tokens)
+            ids, head_logits, _ = self.heads.run(hidden, tokens[-1])
             feats = confidence_features(logits[None], [lg[None] for lg in head_logits])
             x = torch.cat([hidden[None].float(), feats], dim=-1)
             n = int(accept_length(torch.softmax(self.predictor(x), -1), self.tau)[0])
         return ids[:n]
 
 
-class Gated(HeadPolicy):
+class Gated(Policy):
     """``gate``: prior work's per-position binary gate; accept while P(accept) >= 0.5."""
 
     name = "gate"
 
     def __init__(self, heads: MTPHeads, gate: Gate, threshold: float = 0.5):
-        super().__init__(heads)
-        self.gate, self.threshold = gate, threshold
+        self.heads, self.gate, self.threshold = heads, gate, threshold
 
-    def draft(self, hidden, tokens, logits):
+    def propose(self, hidden, tokens, logits):
         with torch.inference_mode():
-            ids, _, states = self.run_heads(hidden, tokens)
+            ids, _, states = self.heads.run(hidden, tokens[-1])
             accepted = []
             for token, state in zip(ids, states, strict=True):
                 if torch.sigmoid(self.gate(hidden[None], state)).item() < self.threshold:
@@ -124,7 +92,7 @@ def prompt_lookup(tokens: list[int], num_tokens: int, max_ngram: int = 2, min_ng
     return []
 
 
-class Verified(HeadPolicy):
+class Verified(Policy):
     """``verify``: proposals are checked by the backbone in the next forward (lossless).
     With a predictor, only as many proposals as it accepts are sent. With ``lookup`` > 0,
     when the last two tokens occurred earlier in the prompt or output, the ``lookup`` tokens
@@ -142,16 +110,15 @@ class Verified(HeadPolicy):
         tau: float = 0.0,
         lookup: int = 0,
     ):
-        super().__init__(heads)
-        self.lookup = lookup
+        self.heads, self.lookup = heads, lookup
         self.length = PredictedLength(heads, predictor, tau).length if predictor else None
 
-    def draft(self, hidden, tokens, logits):
+    def propose(self, hidden, tokens, logits):
         copied = prompt_lookup(tokens, self.lookup, min_ngram=2) if self.lookup else []
         if copied:
             return copied
         n = self.length(hidden, tokens, logits) if self.length else None
-        return self.run_heads(hidden, tokens, n)[0] if n != 0 else []
+        return self.heads.propose(hidden, tokens[-1], n) if n != 0 else []
 
 
 class PromptLookup(Policy):

@@ -33,7 +33,6 @@ class Rows:
         valid = torch.zeros(n, dtype=torch.bool)
         if n > span:
             valid[: n - span] = doc[: n - span] == doc[span:]
-        self.valid = valid
         self.index = valid.nonzero()[:, 0]
         self.k, self.first = config.k, config.first_offset
 
@@ -48,63 +47,6 @@ class Rows:
     def target_states(self, rows: torch.Tensor) -> list[torch.Tensor]:
         """The backbone's hidden state each head's token is read from: [B, d] per head."""
         return [self.data["hidden"][rows + j + self.first] for j in range(self.k)]
-
-
-class Documents:
-    """The contiguous documents of a loaded cache, as padded [B, T] row indices: context heads
-    read a reply in order."""
-
-    def __init__(self, doc: torch.Tensor):
-        first = torch.ones(len(doc), dtype=torch.bool)
-        first[1:] = doc[1:] != doc[:-1]
-        self.starts = first.nonzero()[:, 0]
-        self.lengths = torch.diff(self.starts, append=torch.tensor([len(doc)]))
-        self.rows = len(doc)
-
-    def __len__(self) -> int:
-        return len(self.starts)
-
-    def padded(self, which: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Row indices [B, T] of documents ``which`` and the mask of real (not padding) rows."""
-        lengths = self.lengths[which]
-        steps = torch.arange(int(lengths.max()))
-        mask = steps[None] < lengths[:, None]
-        return (self.starts[which, None] + steps[None]).clamp(max=self.rows - 1), mask
-
-
-def reply_context(heads: MTPHeads, data: dict, index: torch.Tensor, mask: torch.Tensor):
-    """Head 1's context at the real rows of padded documents ``index``, in ``index[mask]``
-    order (padding comes after a reply's rows, so causal attention never reads it)."""
-    context, _ = heads.context(data["hidden"][index].float(), data["next"][index].long())
-    return context[mask]
-
-
-@torch.no_grad()
-def all_context(heads: MTPHeads, data: dict, docs_per_batch: int = 64) -> torch.Tensor | None:
-    """Head 1's context at every row of a cache (None for heads without context)."""
-    if not heads.config.context:
-        return None
-    docs = Documents(data["doc"])
-    out = torch.empty(docs.rows, heads.config.hidden_size)
-    for b in range(0, len(docs), docs_per_batch):
-        index, mask = docs.padded(torch.arange(b, min(b + docs_per_batch, len(docs))))
-        out[index[mask]] = reply_context(heads, data, index, mask).float()
-    return out
-
-
-DOCS_PER_STEP = 8
-
-
-def _context_batch(heads, data, rows: Rows, docs: Documents, batch_size: int, seed: int):
-    """A training batch for context heads: ``batch_size`` random rows of DOCS_PER_STEP random
-    replies, with head 1's context at each (attention computed over the whole replies)."""
-    gen = torch.Generator().manual_seed(seed)
-    chosen = torch.randperm(len(docs), generator=gen)[:DOCS_PER_STEP]
-    index, mask = docs.padded(chosen)
-    usable = rows.valid[index[mask]]
-    take = torch.randperm(int(usable.sum()), generator=gen)[:batch_size]
-    context = reply_context(heads, data, index, mask)[usable][take]
-    return index[mask][usable][take], context
 
 
 def draft_vocabulary(greedy: torch.Tensor, size: int, vocab_size: int) -> torch.Tensor | None:
@@ -145,12 +87,6 @@ def train_heads(
         raise ClpError("the feature cache has no rows long enough for these heads")
     to_draft = _target_map(heads.draft_ids, heads.config.vocab_size)
     scale = data["hidden"][:4096].float().pow(2).mean().sqrt().clamp(min=1e-6)
-    # context heads read whole replies: each step attends over DOCS_PER_STEP random replies
-    # and takes its batch_size rows from them (as varied a batch as plain row sampling)
-    docs = Documents(data["doc"]) if heads.config.context else None
-    if docs:  # decoding keeps no more positions than training showed
-        longest = int(docs.lengths.max())
-        heads.config.context_window = max(heads.config.context_window, longest)
     steps_per_epoch = math.ceil(len(rows.index) / batch_size)
     total = max(1, int(epochs * steps_per_epoch))
     params = [p for p in heads.parameters() if p.requires_grad]
@@ -176,13 +112,9 @@ def train_heads(
     start = time.perf_counter()
     bar = tqdm(total=total, initial=step, desc="training heads", unit="step", mininterval=5)
     while step < total:
-        context = None
-        if docs:
-            pick, context = _context_batch(heads, data, rows, docs, batch_size, seed + step)
-        else:
-            pick = rows.index[order[step * batch_size : (step + 1) * batch_size]]
+        pick = rows.index[order[step * batch_size : (step + 1) * batch_size]]
         hidden, tokens, targets = rows.batch(pick)
-        states = heads.states(hidden.float(), tokens, context)
+        states = heads.states(hidden.float(), tokens)
         loss = _loss([heads.draft_logits(s) for s in states], to_draft[targets])
         if feature_loss:
             truth = rows.target_states(pick)
@@ -221,7 +153,6 @@ def train_heads(
         "lr": lr,
         "feature_loss": feature_loss,
         "rows": len(rows.index),
-        "documents_per_step": DOCS_PER_STEP if docs else None,
         "minutes": round((time.perf_counter() - start) / 60, 2),
         "first_loss": round(sum(losses[:20]) / max(1, len(losses[:20])), 4),
         "last_loss": round(sum(losses[-20:]) / max(1, len(losses[-20:])), 4),
@@ -256,14 +187,11 @@ def evaluate_heads(
     k = heads.config.k
     hits = {m: torch.zeros(k) for m in ("top1", "top3", "chained", "prefix")}
     coverage = 0
-    context = all_context(heads, data)
     for b in range(0, len(index), batch_size):
-        pick = index[b : b + batch_size]
-        hidden, tokens, targets = rows.batch(pick)
+        hidden, tokens, targets = rows.batch(index[b : b + batch_size])
         hidden = hidden.float()
-        ctx = None if context is None else context[pick]
-        tf_logits = heads(hidden, tokens, ctx)
-        chained = heads.chain(hidden, tokens[:, 0], context=ctx)[0]
+        tf_logits = heads(hidden, tokens)
+        chained = heads.chain(hidden, tokens[:, 0])[0]
         all_right = torch.ones(len(targets), dtype=torch.bool)
         for j in range(k):
             top3 = heads.draft_ids[tf_logits[j].float().topk(3, dim=-1).indices]
@@ -300,33 +228,23 @@ def new_heads(config: HeadConfig, backbone, data: dict[str, torch.Tensor], draft
 def warm_heads(init: str | Path, config: HeadConfig, backbone, draft_vocab: int) -> MTPHeads:
     """Saved heads made trainable, to continue training on new data (e.g. self-distilled
     after teacher-forced). They must be what was asked for: a silent switch of architecture
-    would train something else than the command says. The one change allowed is adding
-    context to chain heads: the new attention's output starts at zero, so the heads start
-    exactly as saved."""
+    would train something else than the command says."""
     from clp.heads import load_heads
 
     heads = load_heads(init, backbone, torch.float32)
     saved = heads.config
-    if config.context and not saved.context and saved.arch == "chain":
-        saved = replace(saved, context=True)
-        grown = MTPHeads(saved, heads.embedding, heads.lm_head, draft_ids=heads.draft_ids)
-        missing, unexpected = grown.load_state_dict(heads.state_dict(), strict=False)
-        assert not unexpected and all(".attention." in m for m in missing), (missing, unexpected)
-        heads = grown
     draft_vocab = 0 if draft_vocab >= backbone.vocab_size else draft_vocab
     asked = {
         "arch": config.arch,
         "k": config.k,
         "layers": config.layers,
         "draft-vocab": draft_vocab,
-        "context": config.context,
     }
     have = {
         "arch": saved.arch,
         "k": saved.k,
         "layers": saved.layers,
         "draft-vocab": saved.draft_vocab_size,
-        "context": saved.context,
     }
     diff = [f"--{key} {have[key]} (asked {asked[key]})" for key in asked if asked[key] != have[key]]
     if diff:
