@@ -10,8 +10,9 @@ rows are counted once per distinct prefix; "head 2 reused" chains past the heads
 
 (`--record` keeps the recorded runs, so other shapes replay in about a minute.)
 
-Session 9 (Zen 4, qwen2.5-coder-0.5b bf16, committed k=2 heads), tokens per forward and rows
-fed per forward; chosen on the held-out ShareGPT prompts, MT-Bench (64 tokens) as a check:
+Measured on an AMD EPYC Zen 4 (2 vCPUs, AVX512-BF16; qwen2.5-coder-0.5b bf16, committed k=2
+heads), tokens per forward and rows fed per forward; chosen on the held-out ShareGPT prompts,
+MT-Bench (64 tokens) as a check:
 
     shape                         ShareGPT 30x96   MT-Bench 80x64
     chain2 (verify, heads only)   1.646 @ 2.96     1.631 @ 2.96

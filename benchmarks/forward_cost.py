@@ -1,7 +1,7 @@
 """What one forward over n new tokens costs (KV cache after a 100-token prompt, logits of
-every new row included), per runtime and weight type: the premise of multi-token decoding.
+every new row included), per runtime and weight format: the premise of multi-token decoding.
 
-    python benchmarks/forward_cost.py --model qwen2.5-coder-0.5b
+    python benchmarks/forward_cost.py --model qwen2.5-coder-0.5b --runtimes cpu,llama.cpp
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import statistics
 import time
 
 import clp
-from clp.backbones import BUNDLED, load_backbone, verified_gguf
+from clp.backbones import load_backbone, packaged_gguf
 from clp.runtime import TransformersRuntime
 
 
@@ -29,39 +29,48 @@ def cost_ms(rt, n: int, repeats: int) -> float:
     return statistics.median(times[3:]) * 1e3
 
 
+def runtimes(model: str, which: list[str]):
+    """(label, runtime) pairs, built one at a time so only one holds memory while timed."""
+    if "cpu" in which:
+        from clp.cpu.runtime import CpuRuntime
+
+        backbone = load_backbone(model, "bf16")
+        for fmt in ("q4", "q8", "bf16"):
+            yield f"cpu {fmt}", CpuRuntime(backbone, fmt)
+    if "transformers" in which:
+        for dtype in ("bf16", "fp32"):
+            yield f"transformers {dtype}", TransformersRuntime(load_backbone(model, dtype))
+        stock = TransformersRuntime(load_backbone(model, "bf16"), patched=False)
+        yield "transformers bf16, stock kernels", stock
+    if "llama.cpp" in which and importlib.util.find_spec("llama_cpp"):
+        from clp.llama_runtime import LlamaCppRuntime, ensure_gguf
+
+        backbone = load_backbone(model, "bf16")
+        yield "llama.cpp bf16 GGUF", LlamaCppRuntime(backbone, ensure_gguf(model, "bf16"))
+        yield "llama.cpp packaged GGUF", LlamaCppRuntime(backbone, packaged_gguf(model))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default=clp.DEFAULT_MODEL)
-    ap.add_argument("--tokens", default="1,2,3,4,6,8")
+    ap.add_argument("--tokens", default="1,2,3,4,5,8")
     ap.add_argument("--repeats", type=int, default=12)
+    ap.add_argument("--runtimes", default="cpu,transformers,llama.cpp")
     args = ap.parse_args()
     sizes = [int(x) for x in args.tokens.split(",")]
-
-    def row(label, rt):
-        ms = [cost_ms(rt, n, args.repeats) for n in sizes]
-        cells = " | ".join(f"{m:.1f}" for m in ms)
-        print(f"| {label} | {cells} | {ms[ref] / ms[0]:.2f} |", flush=True)
-
-    ref = sizes.index(3) if 3 in sizes else len(sizes) - 1  # the k=2 step: 3 tokens
+    wide = [n for n in (3, 4) if n in sizes]  # the k=2 step (3 rows) and verify's widest (4)
     print(
         f"| {args.model} | "
         + " | ".join(f"{n} tokens" for n in sizes)
-        + f" | {sizes[ref]} vs {sizes[0]} |"
+        + "".join(f" | {n} vs {sizes[0]}" for n in wide)
+        + " |"
     )
-    print("|---" * (len(sizes) + 2) + "|")
-    for dtype in ("bf16", "fp32"):
-        row(f"transformers {dtype}", TransformersRuntime(load_backbone(args.model, dtype)))
-    stock = TransformersRuntime(load_backbone(args.model, "bf16"), patched=False)
-    row("transformers bf16, stock kernels", stock)
-    if importlib.util.find_spec("llama_cpp") is None:
-        return
-    from clp.llama_runtime import LlamaCppRuntime, ensure_gguf
-
-    backbone = load_backbone(args.model, "bf16")
-    for kind in ("bf16", "f16"):
-        row(f"llama.cpp {kind} GGUF", LlamaCppRuntime(backbone, ensure_gguf(args.model, kind)))
-    with verified_gguf(BUNDLED[args.model]) as packaged:
-        row("llama.cpp packaged (quantised) GGUF", LlamaCppRuntime(backbone, packaged))
+    print("|---" * (len(sizes) + len(wide) + 1) + "|")
+    for label, rt in runtimes(args.model, args.runtimes.split(",")):
+        ms = [cost_ms(rt, n, args.repeats) for n in sizes]
+        ratios = "".join(f" | {ms[sizes.index(n)] / ms[0]:.2f}" for n in wide)
+        print(f"| {label} | " + " | ".join(f"{m:.1f}" for m in ms) + ratios + " |", flush=True)
+        del rt
 
 
 if __name__ == "__main__":

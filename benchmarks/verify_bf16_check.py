@@ -2,7 +2,8 @@
 them agree there. Prints, per differing prompt, the first divergence and the fp32 verdict.
 
     python benchmarks/verify_bf16_check.py --model qwen2.5-coder-0.5b --n 12 --max-new-tokens 64
-    python benchmarks/verify_bf16_check.py --bench results/qwen2.5-coder-0.5b-bf16-mtbench80
+    python benchmarks/verify_bf16_check.py \
+        --bench results/qwen2.5-coder-0.5b-transformers-mtbench36-modes-textheads-zen3
 
 With ``--bench DIR`` the outputs come from a `clp bench` run (its runs.jsonl, any runtime)
 instead of being generated again; the top-1/top-2 gap at the first divergence is measured on

@@ -65,6 +65,15 @@ def test_bad_input_is_one_line_and_non_zero(tiny_dir, args, message):
     assert len(r.stderr.strip().splitlines()) == 1
 
 
+def test_demo_prints_each_runs_speed_and_agreement(tiny_dir):
+    r = cli("demo", "-m", tiny_dir, "-n", "6")
+    assert r.exit_code == 0, r.output
+    assert "no trained heads" in r.stderr  # a checkpoint without heads: ar only
+    assert re.search(
+        r"ar +[\d.]+ tok/s +1\.00x ar +1\.00 tokens/forward +identical to ar 3/3", r.stdout
+    )
+
+
 def test_missing_package_from_a_real_process(tmp_path):
     """A bundled backbone whose packages are absent: no traceback, the pip line, exit 2."""
     code = (

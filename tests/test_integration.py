@@ -25,7 +25,7 @@ pytestmark = pytest.mark.integration
 
 
 def test_ar_greedy_matches_model_generate(smollm2_fp32):
-    model = Model(smollm2_fp32)
+    model = Model(smollm2_fp32, runtime="transformers")
     hit_eos = 0
     for prompt in PROMPTS:
         ids = encode_prompt(model.tokenizer, prompt)
@@ -126,10 +126,18 @@ def test_bench_smoke_runs_everything_with_consistent_numbers(tmp_path):
             s["repetition_ratio"] - ar["repetition_ratio"], abs=2e-4
         )
         assert 0 <= s["agreement_with_ar"]["common_prefix"] <= 1
-        assert (s["policy_share"] is None) == (name in ("hf-generate", "prompt-lookup"))
+        assert (s["policy_share"] is None) == (
+            name in ("hf-generate", "prompt-lookup", "llama.cpp")
+        )
+        assert s["vs_llama_cpp"] == pytest.approx(
+            s["tokens_per_second"] / r["modes"]["llama.cpp"]["tokens_per_second"], 1e-3
+        )
         assert s["policy_share"] is None or 0 <= s["policy_share"] < 1
         assert all(0 <= v <= 1 for v in s["acceptance_by_offset"].values())
     assert r["modes"]["mtp"]["tokens_per_forward"] == 3.0
+    assert r["runtime"] == "cpu" and r["machine"]["peak_rss_mb"] > 100
+    for name in ("verify", "verify@k=1", "verify@tau=0.5", "lookup"):  # lossless on any runtime
+        assert r["modes"][name]["agreement_with_ar"]["identical"] == 1.0, name
     if r["dtype"] == "float32":  # lossless paths equal ar exactly in fp32
         lossless = (
             "verify",

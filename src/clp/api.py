@@ -18,12 +18,29 @@ from clp.runtime import TransformersRuntime
 MODES = ("ar", "mtp", "gate", "clp", "clp+", "verify", "competing", "lookup")
 DEFAULT_TAU = 0.8
 DEFAULT_LOOKUP = 4  # verify: drafts copied after an earlier occurrence of the last bigram
-RUNTIMES = ("transformers", "llama.cpp")
+RUNTIMES = ("auto", "cpu", "transformers", "llama.cpp")
+WEIGHTS = ("q4", "q8", "bf16")  # the cpu runtime's weight formats (clp.cpu.weights)
 
 
-def make_runtime(backbone: Backbone, runtime: str):
-    """The runtime under the decode loop: transformers' own model, or llama.cpp on a bf16 GGUF
-    of the same weights (bundled backbones only)."""
+def resolve_runtime(backbone: Backbone, runtime: str) -> str:
+    """``auto``: the cpu runtime wherever it runs the backbone's family (llama, qwen2) on this
+    CPU, the fastest here; transformers otherwise."""
+    if runtime != "auto":
+        return runtime
+    from clp.cpu.runtime import FAMILIES, cpu_runs_bf16_kernels
+
+    family = getattr(backbone.config, "model_type", None)
+    return "cpu" if family in FAMILIES and cpu_runs_bf16_kernels() else "transformers"
+
+
+def make_runtime(backbone: Backbone, runtime: str, weights: str = "q4"):
+    """The runtime under the decode loop: the cpu runtime (a static-cache decoder on torch's
+    int4 / int8 kernels; ``weights`` q4, q8 or bf16), transformers' own model, or llama.cpp on
+    a bf16 GGUF of the same weights (bundled backbones only)."""
+    if runtime == "cpu":
+        from clp.cpu.runtime import CpuRuntime
+
+        return CpuRuntime(backbone, weights)
     if runtime == "transformers":
         return TransformersRuntime(backbone)
     if runtime == "llama.cpp":
@@ -36,6 +53,8 @@ def make_runtime(backbone: Backbone, runtime: str):
 
 def default_heads_dir(name: str) -> Path | None:
     """Committed artifacts for a bundled backbone: the repo's artifacts/ or $CLP_HOME's."""
+    if Path(name).is_absolute():  # a local checkpoint folder: its config.json is no heads'
+        return None
     for root in (Path(__file__).resolve().parents[2] / "artifacts", clp_home() / "artifacts"):
         if (root / name / "config.json").is_file():
             return root / name
@@ -50,11 +69,13 @@ class Model:
         self,
         backbone: Backbone,
         heads_dir: str | os.PathLike | None = None,
-        runtime: str = "transformers",
+        runtime: str = "auto",
+        weights: str = "q4",
     ):
         self.backbone = backbone
-        self.runtime_name = runtime
-        self.runtime = make_runtime(backbone, runtime)
+        self.runtime_name = resolve_runtime(backbone, runtime)
+        self.runtime = make_runtime(backbone, self.runtime_name, weights)
+        self.weights = weights if self.runtime_name == "cpu" else None
         self.heads_dir = Path(heads_dir) if heads_dir else default_heads_dir(backbone.name)
         self._loaded: dict = {}
 
@@ -75,7 +96,10 @@ class Model:
         from clp.heads import load_heads
 
         if ("heads", sub) not in self._loaded:
-            self._loaded["heads", sub] = load_heads(self._dir(sub), self.backbone)
+            heads = load_heads(self._dir(sub), self.backbone)
+            if hasattr(self.runtime, "prepare_heads"):  # the runtime's own kernels for them
+                self.runtime.prepare_heads(heads)
+            self._loaded["heads", sub] = heads
         return self._loaded["heads", sub]
 
     def predictor(self, kind: str):
@@ -124,7 +148,8 @@ class Model:
             return policies.Gated(heads, self.predictor("gate"))
         if mode == "verify":
             predictor = self.predictor("clp") if tau is not None else None
-            lookup = DEFAULT_LOOKUP if lookup is None else lookup
+            if lookup is None:  # a runtime may cap drafts where wider forwards cost more
+                lookup = min(DEFAULT_LOOKUP, getattr(self.runtime, "max_drafts", DEFAULT_LOOKUP))
             return policies.Verified(heads, predictor, tau or 0.0, lookup)
         cls = policies.PredictedLength if mode == "clp" else policies.PredictedLengthPlus
         return cls(heads, self.predictor(mode), DEFAULT_TAU if tau is None else tau)
@@ -166,11 +191,17 @@ def load(
     name_or_path: str = DEFAULT_MODEL,
     dtype: str | None = None,
     heads: str | os.PathLike | None = None,
-    runtime: str = "transformers",
+    runtime: str = "auto",
+    weights: str = "q4",
 ) -> Model:
-    """A backbone with its heads: ``clp.load("qwen2.5-coder-0.5b").generate(p, mode="clp")``.
+    """A backbone with its heads: ``clp.load("qwen2.5-coder-0.5b").generate(p, mode="verify")``.
+    ``runtime`` auto takes the cpu runtime where it runs the backbone (``weights``: its format).
     On the llama.cpp runtime, ``dtype`` auto means bf16: its bf16 kernels are fast on any
     AVX2 CPU."""
+    if runtime not in RUNTIMES:
+        raise ClpError(f"unknown runtime '{runtime}'; choose from {', '.join(RUNTIMES)}")
+    if weights not in WEIGHTS:
+        raise ClpError(f"unknown weight format '{weights}'; choose from {', '.join(WEIGHTS)}")
     if runtime == "llama.cpp" and dtype in (None, "auto"):
         dtype = "bf16"
-    return Model(load_backbone(name_or_path, dtype), heads, runtime)
+    return Model(load_backbone(name_or_path, dtype), heads, runtime, weights)

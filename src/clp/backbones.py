@@ -180,6 +180,20 @@ def verified_gguf(spec: Bundled) -> Iterator[Path]:
         yield _verified_gguf(spec, Path(tmp))
 
 
+def packaged_gguf(name: str) -> Path:
+    """The packaged GGUF of a bundled backbone as one file, as shipped: the package's own file
+    when it has one part, else the parts joined (and checked) once into the cache."""
+    spec = BUNDLED[name]
+    if len(spec.parts) == 1:
+        return _part_paths(spec)[0]
+    target = cached_dir(name) / "packaged.gguf"
+    if not target.is_file():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=target.parent, prefix=".gguf-") as tmp:
+            os.replace(_verified_gguf(spec, Path(tmp)), target)
+    return target
+
+
 def cached_dir(name: str) -> Path:
     return clp_home() / "models" / name
 

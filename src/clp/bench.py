@@ -33,10 +33,13 @@ from clp.metrics import (
 )
 from clp.prompts import encode_prompt
 from clp.runtime import stock_kernels
+from clp.tasks import Grader, is_suite, paired_accuracy, suite_documents, task_for
 
 # What users would run instead, on the same prompts in the same process: transformers' greedy
-# model.generate, and its prompt-lookup decoding (drafts copied from the prompt, verified).
-BASELINES = ("hf-generate", "prompt-lookup")
+# model.generate, its prompt-lookup decoding (drafts copied from the prompt, verified), and
+# llama.cpp's plain greedy decoding of the packaged GGUF (what a CPU user runs).
+BASELINES = ("hf-generate", "prompt-lookup", "llama.cpp")
+LLAMA_CPP = "llama.cpp"
 
 
 @dataclass(frozen=True)
@@ -100,6 +103,8 @@ def load_prompts(source: str, n: int | None, every: int = 1, skip: int = 0) -> l
         docs = mtbench()
     elif source == "sharegpt":
         docs = interleave(["sharegpt"], "heldout", n and skip + n * every)
+    elif is_suite(source):  # task suites: every output is scored (clp.tasks)
+        docs = suite_documents(source)
     else:
         docs = list(user_files(source))
     docs = docs[skip:][::every]
@@ -141,6 +146,8 @@ def run_one(model: Model, v: Variant, ids: list[int], max_new_tokens: int, looku
         return hf_generate(model, ids, max_new_tokens, 0)
     if v.mode == "prompt-lookup":
         return hf_generate(model, ids, max_new_tokens, lookup)
+    if v.mode == LLAMA_CPP:
+        return _llama_cpp(model)(ids, max_new_tokens, model.backbone.eos_token_ids)
     k = lookup if v.mode == "lookup" else v.k
     res = model.generate(
         ids, mode=v.mode, tau=v.tau, k=k, lookup=v.lookup, max_new_tokens=max_new_tokens
@@ -156,6 +163,16 @@ def run_one(model: Model, v: Variant, ids: list[int], max_new_tokens: int, looku
         "offset_proposed": {str(j): c for j, c in sorted(s.offset_proposed.items())},
         "offset_accepted": {str(j): c for j, c in sorted(s.offset_accepted.items())},
     }
+
+
+def _llama_cpp(model: Model):
+    """The llama.cpp baseline of ``model``'s backbone, loaded once and kept beside it."""
+    if not hasattr(model, "_llama_cpp_greedy"):
+        from clp.llama_runtime import LlamaCppGreedy
+
+        context = min(model.backbone.context_length, 8192)
+        model._llama_cpp_greedy = LlamaCppGreedy(model.backbone.name, context)
+    return model._llama_cpp_greedy
 
 
 class _Scorer:
@@ -210,6 +227,7 @@ def run(
         "model": b.name,
         "dtype": str(b.dtype).replace("torch.", ""),
         "runtime": model.runtime_name,
+        "weights": getattr(model, "weights", None),
         "heads": _heads_id(model),
         "prompts": sorted({d.id.split(":")[0] for d in prompts}),
         "n": len(prompts),
@@ -232,6 +250,8 @@ def run(
     for v in chosen:  # warm-up: first calls pay for allocation and lazy loading
         run_one(model, v, encoded[0], 16, lookup_tokens)
     scorer = _Scorer(model) if nll else None
+    graded = [task_for(d.id) for d in prompts]  # task suites: scored in the sandbox, untimed
+    grader = Grader(model.tokenizer)
     todo = [(r, i) for r in range(rounds) for i in range(len(prompts)) if (r, i) not in records]
     bar = tqdm(total=len(todo), desc="bench", unit="prompt", disable=not progress)
     with open(out / "runs.jsonl", "a") as f:
@@ -245,7 +265,10 @@ def run(
             if scorer and r == 0:
                 for rec in runs.values():
                     rec["nll"] = scorer(encoded[i], rec["ids"])
-            records[r, i] = {"round": r, "prompt": i, "runs": runs}
+            if graded[i] is not None and r == 0:
+                for rec in runs.values():
+                    rec.update(grader(graded[i], rec["ids"]))
+            records[r, i] = {"round": r, "prompt": i, "runs": runs, "peak_rss_mb": _peak_rss_mb()}
             f.write(json.dumps(records[r, i]) + "\n")
             f.flush()
             os.fsync(f.fileno())
@@ -294,7 +317,7 @@ def _resume(out: Path, settings: dict, log, repair: bool = True) -> dict[tuple[i
     return records
 
 
-_HEADER = ("model", "dtype", "runtime", "heads", "n", "max_new_tokens", "rounds")
+_HEADER = ("model", "dtype", "runtime", "weights", "heads", "n", "max_new_tokens", "rounds")
 
 
 def summarise(settings: dict, records: dict, prompts: list[Document]) -> dict:
@@ -309,10 +332,16 @@ def summarise(settings: dict, records: dict, prompts: list[Document]) -> dict:
         pick = {n: [x for x in per[n] if idx is None or x["prompt"] in idx] for n in names}
         ar = {x["prompt"]: x["ids"] for x in pick["ar"] if x["round"] == 0}
         summary = {n: _summarise(pick[n], ar) for n in names}
+        ar_solved = _solved(pick["ar"])
+        for n in names:  # task suites: share solved, paired with ar task by task
+            summary[n].update(paired_accuracy(_solved(pick[n]), ar_solved))
         base = summary["ar"]
+        llama = summary.get(LLAMA_CPP)
         for s in summary.values():
             tps = s["tokens_per_second"]
             s["speedup"] = round(tps / base["tokens_per_second"], 4) if tps else 0.0
+            if llama and llama["tokens_per_second"]:
+                s["vs_llama_cpp"] = round(tps / llama["tokens_per_second"], 4)
             s["repetition_delta"] = round(s["repetition_ratio"] - base["repetition_ratio"], 4)
         return summary
 
@@ -325,9 +354,10 @@ def summarise(settings: dict, records: dict, prompts: list[Document]) -> dict:
         for cat in categories:
             idx = {i for i, d in enumerate(prompts) if d.category == cat}
             keep = ("tokens_per_second", "speedup", "tokens_per_forward", "repetition_ratio")
+            keep += TASK_KEYS  # a suite's categories are its tune / report halves
             by_category[cat] = {n: {key: s[key] for key in keep} for n, s in block(idx).items()}
     return {
-        **{k: settings[k] for k in _HEADER},
+        **{k: settings.get(k) for k in _HEADER},
         "prompts": ",".join(settings["prompts"]),
         "tau": next((v["tau"] for v in settings["variants"] if v["name"] == "clp"), None),
         "every": settings.get("every", 1),
@@ -337,14 +367,28 @@ def summarise(settings: dict, records: dict, prompts: list[Document]) -> dict:
         "machine": {
             "processor": platform.processor() or platform.machine(),
             "cpu": _cpu_name(),
+            "family_model": f"{_cpuinfo('cpu family')}/{_cpuinfo('model')}",
+            "flags": _cpu_flags(),
+            "cores": os.cpu_count(),
             "threads": torch.get_num_threads(),
             "python": platform.python_version(),
             "torch": torch.__version__,
+            # the running process's peak; a --report of an older run has none
+            "peak_rss_mb": max((x.get("peak_rss_mb") or 0 for x in records.values()), default=0)
+            or None,
         },
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "modes": modes,
         "by_category": by_category,
     }
+
+
+TASK_KEYS = ("task_accuracy", "task_accuracy_delta", "task_accuracy_delta_se")
+
+
+def _solved(rs: list[dict]) -> dict[int, bool]:
+    """Per prompt, whether the variant's (first-round) output solved its task."""
+    return {x["prompt"]: x["solved"] for x in rs if x["round"] == 0 and "solved" in x}
 
 
 def _summarise(rs: list[dict], ar: dict[int, list[int]]) -> dict:
@@ -399,46 +443,92 @@ def _summarise(rs: list[dict], ar: dict[int, list[int]]) -> dict:
     }
 
 
-def _cpu_name() -> str:
+def _peak_rss_mb() -> float:
+    """The process's peak resident memory so far (all variants share one process)."""
+    import resource
+
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+
+
+def _cpuinfo(key: str) -> str:
+    """The first value of ``key`` in /proc/cpuinfo ('' where there is none)."""
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
     except OSError:
-        pass
-    return platform.machine()
+        return ""
+    return next(
+        (ln.split(":", 1)[1].strip() for ln in lines if ln.split(":")[0].strip() == key), ""
+    )
+
+
+def _cpu_flags() -> list[str]:
+    """The CPU flags a run's speed depends on (bf16 and vector widths)."""
+    wanted = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16")
+    return sorted(f for f in _cpuinfo("flags").split() if f in wanted)
+
+
+def _cpu_name() -> str:
+    return _cpuinfo("model name") or platform.machine()
 
 
 def markdown(result: dict) -> str:
     head = (
-        f"{result['model']}, {result['dtype']}, runtime {result.get('runtime', 'transformers')}, "
+        f"{result['model']}, {result['dtype']}, runtime {result.get('runtime', 'transformers')}"
+        + (f" ({result['weights']} weights)" if result.get("weights") else "")
+        + ", "
         f"{result['completed_prompts']} of {result['n']} "
         + (f"(every {result['every']}th) " if result.get("every", 1) > 1 else "")
         + (f"(after the first {result['skip']}) " if result.get("skip") else "")
         + f"{result['prompts']} prompts, {result['max_new_tokens']} new tokens, "
         f"tau={result['tau']}, CPU: {result['machine']['cpu']} "
-        f"({result['machine']['threads']} threads)\n\n"
+        f"({result['machine']['threads']} threads), peak RSS "
+        f"{result['machine'].get('peak_rss_mb', '?')} MB\n\n"
     )
     rows = [
-        "| mode | tok/s | speedup | tokens/forward | acceptance by offset "
+        "| mode | tok/s | speedup | vs llama.cpp | tokens/forward | acceptance by offset "
         "| seq-rep-4 (delta ± s.e.) | distinct-2 | identical to ar | common prefix | NLL "
         "| policy time |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for mode, s in result["modes"].items():
         acc = ", ".join(f"{j}: {v:.2f}" for j, v in s["acceptance_by_offset"].items()) or "-"
         nll = f"{s['backbone_nll']:.3f}" if s["backbone_nll"] is not None else "-"
         share = s.get("policy_share")
         policy = f"{share:.1%}" if share is not None else "-"
+        vs = f"{s['vs_llama_cpp']:.3f}x" if "vs_llama_cpp" in s else "-"
         rows.append(
-            f"| {mode} | {s['tokens_per_second']:.2f} | {s['speedup']:.3f}x | "
+            f"| {mode} | {s['tokens_per_second']:.2f} | {s['speedup']:.3f}x | {vs} | "
             f"{s['tokens_per_forward']:.3f} | {acc} | {s['repetition_ratio']:.4f} "
             f"({s['repetition_delta']:+.4f} ± {s['repetition_delta_se']:.4f}) | "
             f"{s['distinct_2']:.3f} | "
             f"{s['agreement_with_ar']['identical']:.2f} | "
             f"{s['agreement_with_ar']['common_prefix']:.2f} | {nll} | {policy} |"
         )
-    return head + "\n".join(rows) + "\n"
+    return head + "\n".join(rows) + "\n" + _task_table(result)
+
+
+def _task_table(result: dict) -> str:
+    """Task accuracy per variant (task suites only), overall and on each half: defaults are
+    chosen on the tune half and reported on the other."""
+    modes = result["modes"]
+    if all(s.get("task_accuracy") is None for s in modes.values()):
+        return ""
+    halves = [h for h in ("tune", "report") if h in result.get("by_category", {})]
+    rows = [
+        "| mode | solved | task accuracy | delta vs ar ± s.e. (paired) | "
+        + "".join(f"{h} half | " for h in halves),
+        "|---|---|---|---|" + "---|" * len(halves),
+    ]
+    for name, s in modes.items():
+        if s.get("task_accuracy") is None:
+            continue
+        cells = [f"{result['by_category'][h][name]['task_accuracy']:.3f}" for h in halves]
+        rows.append(
+            f"| {name} | {s['tasks_solved']}/{s['tasks_scored']} | {s['task_accuracy']:.3f} | "
+            f"{s['task_accuracy_delta']:+.3f} ± {s['task_accuracy_delta_se']:.3f} | "
+            + "".join(f"{c} | " for c in cells)
+        )
+    return "\n" + "\n".join(r.rstrip() for r in rows) + "\n"
 
 
 def save(result: dict, out: str | Path, plots: bool = True) -> list[Path]:

@@ -40,11 +40,20 @@ DTYPE = click.option(
 )
 RUNTIME = click.option(
     "--runtime",
-    type=click.Choice(["transformers", "llama.cpp"]),
-    default="transformers",
+    type=click.Choice(["auto", "cpu", "transformers", "llama.cpp"]),
+    default="auto",
     show_default=True,
-    help="What runs the backbone under the decode loop; llama.cpp (bundled backbones, a bf16 "
-    "GGUF of the same weights) needs pip install 'clp-mtp[llama]'.",
+    help="What runs the backbone under the decode loop. auto: cpu (a static-cache decoder on "
+    "torch's int4 kernels, the fastest here) for llama and qwen2 models, else transformers; "
+    "llama.cpp (bundled backbones, a bf16 GGUF) needs pip install 'clp-mtp[llama]'.",
+)
+WEIGHTS = click.option(
+    "--weights",
+    type=click.Choice(["q4", "q8", "bf16"]),
+    default="q4",
+    show_default=True,
+    help="cpu runtime weight format. q4: int4 groups of 32 (the GGUF's 4-bit blocks as they "
+    "are, others quantized to 4 bits); q8: 4-bit blocks as they are, the rest int8; bf16.",
 )
 HEADS = click.option(
     "--heads", default=None, help="Trained heads folder (default: committed artifacts)."
@@ -64,16 +73,23 @@ def _quiet_transformers() -> None:
     transformers.utils.logging.disable_progress_bar()
 
 
+# Modes that keep draft tokens no backbone forward confirmed (task accuracy drops: docs/tasks.md).
+UNVERIFIED = ("mtp", "gate", "clp", "clp+", "competing")
+
+
 @main.command()
 @click.argument("prompt")
 @MODEL
 @DTYPE
 @RUNTIME
+@WEIGHTS
 @click.option(
     "--mode",
     default="ar",
     show_default=True,
-    help="ar, mtp, gate, clp, clp+, verify, competing or lookup (prompt lookup, verified).",
+    help="Recommended: verify, the fastest lossless mode (output identical to ar greedy). "
+    "Lossless too: ar (plain decoding) and lookup (prompt lookup, verified). Unverified, may "
+    "change answers: mtp, gate, clp, clp+, competing.",
 )
 @click.option(
     "--tau",
@@ -105,6 +121,7 @@ def generate(
     model,
     dtype,
     runtime,
+    weights,
     mode,
     tau,
     lookup,
@@ -127,8 +144,15 @@ def generate(
         raise ClpError(f"max_new_tokens must be > 0, got {max_new_tokens}")
     if mode not in MODES:
         raise ClpError(f"unknown mode '{mode}'; available: {', '.join(MODES)}")
+    if mode in UNVERIFIED:
+        click.echo(
+            f"warning: mode {mode} is unverified: it keeps draft tokens the backbone never "
+            "checked, so its output may differ from ar's and change answers "
+            "(--mode verify is lossless)",
+            err=True,
+        )
     _quiet_transformers()
-    m = load(model, dtype, heads, runtime)
+    m = load(model, dtype, heads, runtime, weights)
 
     def stream(text: str) -> None:
         click.echo(text, nl=False)
@@ -189,7 +213,7 @@ def models() -> None:
 
 SMOKE = {  # the whole benchmark, small: smollm2-135m, every mode, baselines and both sweeps
     "model": "smollm2-135m",
-    "modes": "ar,mtp,gate,clp,clp+,verify,competing,lookup,hf-generate,prompt-lookup",
+    "modes": "ar,mtp,gate,clp,clp+,verify,competing,lookup,hf-generate,prompt-lookup,llama.cpp",
     "prompts": "mtbench",
     "n": 3,
     "max_new_tokens": 24,
@@ -210,6 +234,7 @@ def _numbers(text: str, kind: type) -> list:
 @MODEL
 @DTYPE
 @RUNTIME
+@WEIGHTS
 @HEADS
 @click.option(
     "--modes",
@@ -222,7 +247,9 @@ def _numbers(text: str, kind: type) -> list:
     "--prompts",
     default="mtbench",
     show_default=True,
-    help="mtbench (first turns), sharegpt (held-out first turns) or a .txt/.jsonl file.",
+    help="mtbench (first turns), sharegpt (held-out first turns), a .txt/.jsonl file, or a "
+    "task suite whose outputs are scored: humaneval (alias code: unit tests in a sandbox) or "
+    "gsm8k (alias math: exact final number); see docs/tasks.md.",
 )
 @click.option("--n", default=None, type=int, help="Use the first N prompts (default: all).")
 @click.option(
@@ -295,7 +322,7 @@ def bench(**o) -> None:
     if o.pop("smoke"):
         o.update(SMOKE)
     _quiet_transformers()
-    model = load(o["model"], o["dtype"], o["heads"], o["runtime"])
+    model = load(o["model"], o["dtype"], o["heads"], o["runtime"], o["weights"])
     modes = [m for m in o["modes"].split(",") if m]
     ks = _numbers(o["ks"], int)
     heads_k = model.heads().config.k if ks else None
@@ -333,39 +360,125 @@ DEMO_PROMPTS = [
 @MODEL
 @DTYPE
 @RUNTIME
+@WEIGHTS
 @click.option("--max-new-tokens", "-n", default=64, show_default=True, type=int)
-def demo(model, dtype, runtime, max_new_tokens) -> None:
-    """A few prompts through ar, clp and verify: the text, then each mode's speed."""
+def demo(model, dtype, runtime, weights, max_new_tokens) -> None:
+    """A few prompts through ar and verify, and through llama.cpp's plain greedy decoding of
+    the same packaged GGUF (what a CPU user runs instead): the text, then each one's speed."""
+    import importlib.util
+
     from clp.api import load
+    from clp.backbones import BUNDLED
+    from clp.prompts import encode_prompt
 
     _quiet_transformers()
-    m = load(model, dtype, runtime=runtime)
-    modes = ["ar", "clp", "verify"] if m.heads_dir else ["ar"]
-    if not m.heads_dir:
+    m = load(model, dtype, runtime=runtime, weights=weights)
+    runs = {"ar": None}
+    if m.heads_dir:
+        runs["verify"] = None
+    else:
         click.echo(f"(no trained heads for {model}: showing ar only)", err=True)
-    for mode in modes:  # warm-up
-        m.generate(DEMO_PROMPTS[0], mode=mode, max_new_tokens=8)
-    totals = {mode: [0, 0.0, 0] for mode in modes}
+    if model in BUNDLED and importlib.util.find_spec("llama_cpp"):
+        from clp.llama_runtime import LlamaCppGreedy
+
+        llama = LlamaCppGreedy(model, min(m.backbone.context_length, 4096))
+        eos = m.backbone.eos_token_ids
+        runs["llama.cpp"] = lambda ids, n: llama(ids, n, eos)
+
+    def once(name: str, prompt: str, n: int) -> tuple[list[int], str, float, int]:
+        if runs[name] is None:
+            r = m.generate(prompt, mode=name, max_new_tokens=n)
+            return r.token_ids, r.text, r.stats.seconds, r.stats.forward_passes
+        out = runs[name](encode_prompt(m.tokenizer, prompt), n)
+        text = m.tokenizer.decode(out["ids"], skip_special_tokens=True)
+        return out["ids"], text, out["seconds"], out["forward_passes"]
+
+    for name in runs:  # warm-up: compilation, allocation
+        once(name, DEMO_PROMPTS[0], 8)
+    shown = "verify" if "verify" in runs else "ar"
+    totals = {name: [0, 0.0, 0, 0] for name in runs}  # tokens, seconds, forwards, same as ar
     for prompt in DEMO_PROMPTS:
         click.echo(f"\n>>> {prompt}")
-        for mode in modes:
-            r = m.generate(prompt, mode=mode, max_new_tokens=max_new_tokens)
-            totals[mode][0] += r.stats.new_tokens
-            totals[mode][1] += r.stats.seconds
-            totals[mode][2] += r.stats.forward_passes
-            if mode == modes[-1] or mode == "ar":
-                click.echo(f"[{mode}] {r.text.strip()}")
+        reference = None
+        for name in runs:
+            ids, text, seconds, forwards = once(name, prompt, max_new_tokens)
+            reference = reference or ids
+            for i, value in enumerate((len(ids), seconds, forwards, ids == reference)):
+                totals[name][i] += value
+            if name == shown:
+                click.echo(f"[{name}] {text.strip()}")
     base = totals["ar"][0] / totals["ar"][1]
     click.echo(
-        f"\n{model} ({m.backbone.dtype}, {m.runtime_name}), {len(DEMO_PROMPTS)} prompts, "
+        f"\n{model} ({m.backbone.dtype}, runtime {m.runtime_name}), {len(DEMO_PROMPTS)} prompts, "
         f"{max_new_tokens} new tokens, measured in this run:"
     )
-    for mode, (tokens, seconds, forwards) in totals.items():
+    for name, (tokens, seconds, forwards, same) in totals.items():
         tps = tokens / seconds
         click.echo(
-            f"  {mode:<7} {tps:6.1f} tok/s  speedup {tps / base:.2f}x  "
-            f"{tokens / forwards:.2f} tokens/forward"
+            f"  {name:<9} {tps:6.1f} tok/s  {tps / base:.2f}x ar  {tokens / forwards:.2f} "
+            f"tokens/forward  identical to ar {same}/{len(DEMO_PROMPTS)}"
         )
+
+
+@main.command()
+@MODEL
+@DTYPE
+@RUNTIME
+@WEIGHTS
+@HEADS
+@click.option(
+    "--mode",
+    default="verify",
+    show_default=True,
+    help="Default decoding mode of requests (a request may set its own `mode` and `tau` as "
+    "extra body fields); verify is lossless.",
+)
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
+@click.option("--port", default=8000, show_default=True, type=int)
+@click.option(
+    "--api-key",
+    default=None,
+    envvar="CLP_API_KEY",
+    help="Require 'Authorization: Bearer KEY' on /v1/* (or set CLP_API_KEY).",
+)
+@click.option(
+    "--max-queue",
+    default=64,
+    show_default=True,
+    type=int,
+    help="Requests that may wait for the backbone; more are refused with 429.",
+)
+@click.option(
+    "--default-max-tokens",
+    default=512,
+    show_default=True,
+    type=int,
+    help="New tokens of a request that sets no max_tokens (capped by the context).",
+)
+def serve(
+    model, dtype, runtime, weights, heads, mode, host, port, api_key, max_queue, default_max_tokens
+) -> None:
+    """An OpenAI-compatible HTTP server (/v1/chat/completions, /v1/completions, /v1/models,
+    /health, /metrics) decoding with MODE; see docs/server.md."""
+    from clp.api import load
+    from clp.serve import ServerConfig, run
+
+    config = ServerConfig(
+        model_name=model,
+        mode=mode,
+        api_key=api_key,
+        max_queue=max_queue,
+        default_max_tokens=default_max_tokens,
+    )
+    config.validate()  # before the minutes a load may take
+    _quiet_transformers()
+    m = load(model, dtype, heads, runtime, weights)
+    click.echo(
+        f"serving {model} ({m.backbone.dtype}, {m.runtime_name}, mode {mode}) on "
+        f"http://{host}:{port}/v1",
+        err=True,
+    )
+    run(m, config, host=host, port=port)
 
 
 @main.group()

@@ -125,7 +125,7 @@ class Result:
     text: str
     token_ids: list[int]
     stats: Stats
-    stop_reason: str  # "eos", "stop_string", "max_new_tokens" or "context"
+    stop_reason: str  # "eos", "stop_string", "max_new_tokens", "context" or "cancelled"
 
 
 class Output:
@@ -209,8 +209,13 @@ def generate(
     stop: list[str] | None = None,
     context_length: int | None = None,
     on_text: Callable[[str], None] | None = None,
+    should_stop: Callable[[], bool] | None = None,
 ) -> Result:
-    """Decode from ``prompt_ids`` with ``policy`` (plain autoregressive when None)."""
+    """Decode from ``prompt_ids`` with ``policy`` (plain autoregressive when None).
+
+    ``should_stop`` is asked before each forward: when it says True the loop ends there with
+    stop reason "cancelled" (a server whose client went away stops paying for its tokens).
+    """
     policy = policy or Policy()
     if not prompt_ids:
         raise ClpError("the prompt is empty")
@@ -233,6 +238,9 @@ def generate(
     prompt_ids = list(prompt_ids)
     feed, drafts = prompt_ids, []
     while True:
+        if should_stop is not None and should_stop():
+            out.stop_reason = "cancelled"
+            break
         hidden = runtime.feed(feed)
         stats.forward_passes += 1
         committed = 0

@@ -134,6 +134,7 @@ class MTPHeads(nn.Module):
         # frozen backbone weights, shared (not copied) where possible; never saved
         self.embedding = embedding
         self.lm_head = lm_head[self.draft_ids] if len(draft_ids) < lm_head.shape[0] else lm_head
+        self.draft_head: nn.Module | None = None
         if config.arch == "chain":
             self.steps = nn.ModuleList(
                 ChainStep(d, config.layers, config.mlp_ratio) for _ in range(config.k)
@@ -160,6 +161,8 @@ class MTPHeads(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
     def draft_logits(self, state):
+        if self.draft_head is not None:  # a runtime's faster kernel for decoding (no grad)
+            return self.draft_head(state)
         return F.linear(state, self.lm_head.to(state.dtype))
 
     def forward(self, hidden: torch.Tensor, tokens: torch.Tensor) -> list[torch.Tensor]:

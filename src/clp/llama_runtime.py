@@ -13,12 +13,20 @@ Needs the optional dependency ``llama-cpp-python`` (``pip install 'clp-mtp[llama
 from __future__ import annotations
 
 import ctypes
+import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from clp.backbones import BUNDLED, Backbone, cached_dir, ensure_converted, verified_gguf
+from clp.backbones import (
+    BUNDLED,
+    Backbone,
+    cached_dir,
+    ensure_converted,
+    packaged_gguf,
+    verified_gguf,
+)
 from clp.errors import ClpError
 
 GGUF_TYPES = {"bf16": 32, "f16": 1, "f32": 0}  # llama.cpp's LLAMA_FTYPE_* values
@@ -254,3 +262,35 @@ class LlamaDistiller(_Context):
         return [
             (torch.from_numpy(np.stack(h)), torch.tensor(t)) for h, t in zip(hs, toks, strict=True)
         ]
+
+
+class LlamaCppGreedy:
+    """The baseline a CPU user runs instead: llama.cpp's plain greedy decoding of the packaged
+    GGUF as shipped, through llama-cpp-python's own ``Llama.generate`` (no hidden states, no
+    heads), timed from the prompt on as the decode loop is."""
+
+    def __init__(self, name: str, context: int, threads: int | None = None):
+        if name not in BUNDLED:
+            raise ClpError(f"the llama.cpp baseline runs the bundled backbones; got '{name}'")
+        llama_cpp = _llama()
+        _quiet(llama_cpp)
+        threads = threads or torch.get_num_threads()
+        self.llm = llama_cpp.Llama(
+            model_path=str(packaged_gguf(name)),
+            n_ctx=context,
+            n_batch=512,
+            n_threads=threads,
+            n_threads_batch=threads,
+            verbose=False,
+        )
+
+    def __call__(self, ids: list[int], max_new_tokens: int, eos: set[int]) -> dict:
+        self.llm.reset()  # no prompt reuse from an earlier run
+        out: list[int] = []
+        start = time.perf_counter()
+        for token in self.llm.generate(ids, temp=0.0, reset=True):
+            out.append(token)
+            if token in eos or len(out) >= max_new_tokens:
+                break
+        seconds = time.perf_counter() - start
+        return {"ids": out, "new_tokens": len(out), "seconds": seconds, "forward_passes": len(out)}

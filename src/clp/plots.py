@@ -1,5 +1,5 @@
-"""PNG plots of a benchmark result: speed against repetition and against the backbone's NLL,
-acceptance by offset, and the accepted-length histogram."""
+"""PNG plots of a benchmark result: speed against repetition, against the backbone's NLL and
+(task suites) against task accuracy, acceptance by offset, and the accepted-length histogram."""
 
 from __future__ import annotations
 
@@ -20,10 +20,11 @@ def _title(result: dict) -> str:
 
 
 def speed_vs_quality(result: dict, path: Path, measure: str, xlabel: str) -> Path:
-    """Speedup against one quality measure's difference from ``ar`` (seq-rep-4, or the
-    backbone's NLL of the outputs: repetition alone misses text that is fluent but not what
-    the backbone would write). Each variant is a point; the tau sweeps (clp, clp+, verify) are
-    joined into curves whose points are labelled by tau alone, so a sweep stays readable."""
+    """Speedup against one quality measure's difference from ``ar`` (seq-rep-4; the backbone's
+    NLL of the outputs: repetition alone misses text that is fluent but not what the backbone
+    would write; task accuracy: neither sees a broken function). Each variant is a point; the
+    tau sweeps (clp, clp+, verify) are joined into curves whose points are labelled by tau
+    alone, so a sweep stays readable."""
     fig, ax = plt.subplots(figsize=(7, 5))
     modes = result["modes"]
     base = modes["ar"][measure]
@@ -114,6 +115,10 @@ def plot_all(result: dict, out: Path) -> list[Path]:
     if all(s["backbone_nll"] is not None for s in result["modes"].values()):
         nll = "backbone NLL of the outputs (nats/token) minus ar's"
         files.append(speed_vs_quality(result, out / "speed_vs_nll.png", "backbone_nll", nll))
+    if all(s.get("task_accuracy") is not None for s in result["modes"].values()):
+        acc = "task accuracy minus ar's (share of tasks solved; left: accuracy lost)"
+        path = out / "speed_vs_task_accuracy.png"
+        files.append(speed_vs_quality(result, path, "task_accuracy", acc))
     return files + [
         acceptance_by_offset(result, out / "acceptance_by_offset.png"),
         accepted_length_histogram(result, out / "accepted_length_histogram.png"),

@@ -1,0 +1,166 @@
+"""The cpu runtime: GGUF blocks as int4 groups, exactness in every weight format, clear errors."""
+
+from __future__ import annotations
+
+import types
+
+import numpy as np
+import pytest
+import torch
+from gguf import GGMLQuantizationType as T
+from gguf.quants import dequantize, quantize
+from test_decoding import PROMPTS, NoisyOracle
+
+from clp.cpu.runtime import CpuRuntime, decoder_config
+from clp.cpu.weights import FORMATS, Int4Linear, gguf_int4_groups
+from clp.decoding import generate
+from clp.errors import ClpError
+
+
+def fake_tensor(kind: T, rows: int, cols: int, seed: int = 0):
+    """A GGUF reader tensor of ``kind``: what ``GGUFReader.tensors`` holds."""
+    rng = np.random.default_rng(seed)
+    if kind == T.Q4_K:  # no quantizer in the gguf package: random blocks, sane f16 scales
+        blocks = rng.integers(0, 256, (rows * cols // 256, 144), dtype=np.uint8)
+        scales = rng.uniform(1e-3, 1e-2, (len(blocks), 2)).astype(np.float16)
+        blocks[:, :4] = scales.view(np.uint8)
+        data = blocks.reshape(rows, -1)
+    else:
+        data = quantize(rng.normal(0, 0.05, (rows, cols)).astype(np.float32), kind)
+    return types.SimpleNamespace(tensor_type=kind, shape=np.array([cols, rows]), data=data)
+
+
+@pytest.mark.parametrize("kind", [T.Q4_0, T.Q4_1, T.Q4_K])
+def test_gguf_blocks_map_to_int4_groups_that_dequantize_exactly(kind):
+    t = fake_tensor(kind, 32, 512)
+    groups = gguf_int4_groups(t)
+    reference = torch.from_numpy(dequantize(t.data, kind).reshape(32, 512))
+    assert torch.equal(groups.dense(), reference)  # the very values, not close ones
+    # on the kernel only each group's scale and zero are rounded to bf16
+    x = torch.randn(3, 512, dtype=torch.bfloat16)
+    expected = x.float() @ reference.t()
+    error = Int4Linear(groups)(x).float() - expected
+    assert error.norm() < 0.01 * expected.norm()
+
+
+def test_other_gguf_types_are_not_taken_for_int4():
+    assert gguf_int4_groups(fake_tensor(T.Q8_0, 32, 64)) is None
+
+
+def wide_backbone(seed: int = 0):
+    from conftest import make_tiny_backbone
+
+    return make_tiny_backbone(
+        seed, dtype=torch.bfloat16, hidden_size=256, intermediate_size=512, num_attention_heads=8
+    )
+
+
+@pytest.fixture(scope="module")
+def runtimes():
+    backbone = wide_backbone()
+    return backbone, {f: CpuRuntime(backbone, f, context=256) for f in FORMATS}
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_a_token_gets_the_same_bits_in_a_one_and_a_several_token_forward(runtimes, fmt):
+    runtime = runtimes[1][fmt]
+    prompt, new = list(range(3, 63)), [5, 17, 33, 8, 41]
+    runtime.reset()
+    runtime.feed(prompt)
+    together = runtime.feed(new).clone(), runtime.logits(len(new))
+    runtime.drop_last(len(new))  # the static cache: dropping is moving the length back
+    alone = [(runtime.feed([t]).clone(), runtime.logits(1)) for t in new]
+    assert torch.equal(together[0], torch.cat([h for h, _ in alone]))
+    assert torch.equal(together[1], torch.cat([lg for _, lg in alone]))
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_verify_equals_greedy_in_every_weight_format(runtimes, fmt):
+    backbone, runtime = runtimes[0], runtimes[1][fmt]
+    for prompt in PROMPTS:
+        ids = backbone.tokenizer(prompt)["input_ids"]
+        ref = generate(runtime, backbone.tokenizer, ids, max_new_tokens=30, eos_ids=set())
+        oracle = NoisyOracle(ids + ref.token_ids + [0] * 8, k=4, error_rate=0.3)
+        out = generate(runtime, backbone.tokenizer, ids, oracle, max_new_tokens=30, eos_ids=set())
+        assert out.token_ids == ref.token_ids
+        assert out.stats.forward_passes < ref.stats.forward_passes
+
+
+def test_bf16_format_computes_what_transformers_computes(runtimes):
+    from clp.runtime import TransformersRuntime
+
+    backbone, runtime = runtimes[0], runtimes[1]["bf16"]
+    reference = TransformersRuntime(backbone, patched=False)
+    ids = list(range(3, 60))
+    reference.reset(), runtime.reset()
+    expected, got = reference.feed(ids).float(), runtime.feed(ids).float()
+    assert (expected - got).abs().max() < 0.05 * expected.abs().max()
+    assert torch.equal(reference.logits(1).argmax(-1), runtime.logits(1).argmax(-1))
+
+
+def test_a_sequence_longer_than_the_static_cache_fails_clearly():
+    runtime = CpuRuntime(wide_backbone(), "q4", context=16)
+    runtime.reset()
+    runtime.feed(list(range(3, 15)))
+    with pytest.raises(ClpError, match="static cache holds 16"):
+        runtime.feed(list(range(3, 8)))
+
+
+def test_unsupported_models_and_formats_fail_clearly(tiny):
+    with pytest.raises(ClpError, match="unknown weight format 'q3'"):
+        CpuRuntime(tiny, "q3")
+    gpt2 = types.SimpleNamespace(model_type="gpt2")
+    with pytest.raises(ClpError, match="runs llama and qwen2 decoders.*'gpt2'"):
+        decoder_config(gpt2, None)
+
+
+def test_cli_reports_a_bad_weight_format_in_one_line(tmp_path):
+    from click.testing import CliRunner
+
+    from clp.cli import main
+
+    res = CliRunner().invoke(main, ["generate", "hi", "--weights", "q3"])
+    assert res.exit_code == 2 and "q3" in res.output and "Traceback" not in res.output
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_smollm2_gguf_on_the_cpu_runtime(smollm2_fp32, fmt):
+    """The packaged Q4_1 GGUF read block by block (llama's q/k rows put back in
+    transformers' order): logits close to transformers', verify == ar with the committed heads."""
+    from test_integration import VERIFY_PROMPTS
+
+    from clp.api import Model
+    from clp.runtime import TransformersRuntime
+
+    model = Model(smollm2_fp32, runtime="cpu", weights=fmt)
+    reference = TransformersRuntime(smollm2_fp32)
+    ids = model.tokenizer("The capital of France is Paris. The capital of Italy is")["input_ids"]
+    reference.reset(), model.runtime.reset()
+    reference.feed(ids), model.runtime.feed(ids)
+    expected, got = reference.logits(1)[0], model.runtime.logits(1)[0]
+    assert torch.corrcoef(torch.stack([expected, got]))[0, 1] > 0.98
+    assert expected.topk(5).indices[0] in got.topk(5).indices
+    for prompt in VERIFY_PROMPTS[:8]:
+        ar = model.generate(prompt, max_new_tokens=40)
+        ver = model.generate(prompt, mode="verify", max_new_tokens=40)
+        assert ver.token_ids == ar.token_ids, prompt
+
+
+def test_the_compiled_decoder_keeps_verify_exact():
+    """torch.compile fuses the ops between the kernels; a token must still get the same bits
+    in a 1-token and a several-token forward, and verify still equal greedy."""
+    backbone = wide_backbone(1)
+    runtime = CpuRuntime(backbone, "q4", context=256, compile=True)
+    ids = backbone.tokenizer(PROMPTS[0])["input_ids"]
+    ref = generate(runtime, backbone.tokenizer, ids, max_new_tokens=30, eos_ids=set())
+    oracle = NoisyOracle(ids + ref.token_ids + [0] * 8, k=3, error_rate=0.3)
+    out = generate(runtime, backbone.tokenizer, ids, oracle, max_new_tokens=30, eos_ids=set())
+    assert out.token_ids == ref.token_ids
+    eager = CpuRuntime(backbone, "q4", context=256, compile=False)
+    states = []
+    for r in (runtime, eager):  # compiled and eager agree but for rounding
+        r.reset()
+        r.feed(ids)
+        states.append(r.feed(ref.token_ids[:3]).float())
+    assert (states[0] - states[1]).abs().max() < 0.05 * states[1].abs().max()
