@@ -47,7 +47,8 @@ def main() -> None:
     ops = defaultdict(float)
     for e in prof.key_averages():
         ops[e.key] += e.self_cpu_time_total / 1e6
-    spans = {e.key: e.cpu_time_total / 1e6 for e in prof.key_averages() if e.key in timed}
+    spans = dict.fromkeys(timed, 0.0)
+    spans.update({e.key: e.cpu_time_total / 1e6 for e in prof.key_averages() if e.key in timed})
     int_mm = sum(v for k, v in ops.items() if "int4pack_mm" in k or "int8pack_mm" in k)
     attn = sum(v for k, v in ops.items() if "scaled_dot_product" in k)
     steps = r.stats.forward_passes
@@ -59,7 +60,7 @@ def main() -> None:
         "backbone forward (layers)": spans["backbone forward"],
         "  its attention": attn,
         "backbone LM head": spans["LM head"],
-        "heads (drafting)": spans["heads"],
+        "heads (drafting)": spans.get("heads", 0.0),
         "rest (loop, verification, Python)": wall - sum(spans.values()),
         "weight-only int4/int8 kernels, everywhere": int_mm,
     }
