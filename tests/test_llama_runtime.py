@@ -23,7 +23,7 @@ def llama_fp32(smollm2_fp32) -> Model:
 
 def test_hidden_states_and_logits_match_the_transformers_runtime(smollm2_fp32, llama_fp32):
     """The heads read llama.cpp's final hidden states: they must be the ones they trained on."""
-    torch_model = Model(smollm2_fp32)
+    torch_model = Model(smollm2_fp32, runtime="transformers")
     ids = encode_prompt(smollm2_fp32.tokenizer, "Name three prime numbers.")
     for rt in (torch_model.runtime, llama_fp32.runtime):
         rt.reset()
