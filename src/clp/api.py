@@ -10,6 +10,7 @@ import torch
 
 from clp import policies
 from clp.backbones import DEFAULT_MODEL, Backbone, clp_home, load_backbone
+from clp.cpu.weights import FORMATS
 from clp.decoding import Policy, Result, SamplingConfig, generate
 from clp.errors import ClpError
 from clp.prompts import encode_prompt
@@ -19,7 +20,10 @@ MODES = ("ar", "mtp", "gate", "clp", "clp+", "verify", "competing", "lookup")
 DEFAULT_TAU = 0.8
 DEFAULT_LOOKUP = 4  # verify: drafts copied after an earlier occurrence of the last bigram
 RUNTIMES = ("auto", "cpu", "transformers", "llama.cpp")
-WEIGHTS = ("q4", "q8", "bf16")  # the cpu runtime's weight formats (clp.cpu.weights)
+WEIGHTS = FORMATS  # the cpu runtime's weight formats
+# Measured slower than llama.cpp there and not exact (lookup 28/40 identical to ar):
+# results/qwen2.5-coder-1.5b-cpu-q4-mtbench40-no-heads-zen4. `--runtime cpu` still runs it.
+NOT_ON_CPU_RUNTIME = {"qwen2.5-coder-1.5b"}
 
 
 def resolve_runtime(backbone: Backbone, runtime: str) -> str:
@@ -30,14 +34,8 @@ def resolve_runtime(backbone: Backbone, runtime: str) -> str:
     from clp.cpu.runtime import FAMILIES, cpu_runs_bf16_kernels
 
     family = getattr(backbone.config, "model_type", None)
-    if backbone.name in NOT_ON_CPU_RUNTIME:
-        return "transformers"
-    return "cpu" if family in FAMILIES and cpu_runs_bf16_kernels() else "transformers"
-
-
-# Measured slower than llama.cpp there and not exact (lookup 28/40 identical to ar):
-# results/qwen2.5-coder-1.5b-cpu-q4-mtbench40-no-heads-zen4. `--runtime cpu` still runs it.
-NOT_ON_CPU_RUNTIME = {"qwen2.5-coder-1.5b"}
+    fits = family in FAMILIES and backbone.name not in NOT_ON_CPU_RUNTIME
+    return "cpu" if fits and cpu_runs_bf16_kernels() else "transformers"
 
 
 def make_runtime(backbone: Backbone, runtime: str, weights: str = "q4"):

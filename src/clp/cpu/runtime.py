@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from clp.backbones import BUNDLED, Backbone, cached_dir, verified_gguf
+from clp.backbones import BUNDLED, Backbone, cached_dir, packaged_gguf
 from clp.cpu.model import Decoder, DecoderConfig, Layer
 from clp.cpu.weights import (
     FORMATS,
@@ -86,13 +86,12 @@ def gguf_weights(name: str, cfg: DecoderConfig) -> Callable[[str], Source | None
     """Every tensor of a bundled backbone's GGUF under its transformers name, read once."""
     from gguf import GGUFReader
 
-    with verified_gguf(BUNDLED[name]) as path:
-        reader = GGUFReader(path)
-        arch = str(bytes(reader.fields["general.architecture"].parts[-1]), "utf-8")
-        found: dict[str, Source] = {}
-        for t in reader.tensors:
-            groups = gguf_int4_groups(t) if t.name.endswith(".weight") else None
-            found[t.name] = Source(groups, None if groups is not None else gguf_dense(t))
+    reader = GGUFReader(packaged_gguf(name))  # joined and checked once, shared with llama.cpp
+    arch = str(bytes(reader.fields["general.architecture"].parts[-1]), "utf-8")
+    found: dict[str, Source] = {}
+    for t in reader.tensors:
+        groups = gguf_int4_groups(t) if t.name.endswith(".weight") else None
+        found[t.name] = Source(groups, None if groups is not None else gguf_dense(t))
     order = {
         "attn_q.weight": _unpermute(cfg.heads * cfg.head_dim, cfg.heads),
         "attn_k.weight": _unpermute(cfg.kv_heads * cfg.head_dim, cfg.kv_heads),

@@ -397,11 +397,7 @@ def response(req: GenRequest, result: Result, model: str) -> dict:
         choice = {"index": 0, "text": result.text, "logprobs": None, "finish_reason": finish}
         obj = "text_completion"
     return {
-        "id": req.id,
-        "object": obj,
-        "created": req.created,
-        "model": model,
-        "choices": [choice],
+        **_envelope(req, obj, model, choice),
         "usage": usage(result),
         "clp": extension(req, result),
     }
@@ -418,6 +414,11 @@ def chunk(req: GenRequest, model: str, text: str | None, finish: str | None = No
     else:
         choice = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}
         obj = "text_completion"
+    return _envelope(req, obj, model, choice)
+
+
+def _envelope(req: GenRequest, obj: str, model: str, choice: dict) -> dict:
+    """The fields every completion object and stream chunk carries."""
     return {
         "id": req.id,
         "object": obj,
