@@ -263,3 +263,23 @@ def test_generate_does_not_warn_for_lossless_modes(tiny_dir, mode):
 def test_generate_help_recommends_the_fastest_lossless_mode():
     help_text = " ".join(cli("generate", "--help").output.split())
     assert "Recommended: verify, the fastest lossless mode" in help_text
+
+
+def test_a_code_reply_stops_where_its_block_closes_in_every_variant(tiny_dir, code):
+    """A suite's stop strings end generation where its scored part has ended, in our loop and
+    in transformers' generate alike; an opening ```python fence does not stop it."""
+    from clp.api import load
+    from clp.bench import Variant, run_one
+
+    assert code["HumanEval/0"].stop == (humaneval.CLOSING_FENCE,)
+    assert humaneval.CLOSING_FENCE not in "Here it is:\n```python\ndef f():\n"
+    model = load(tiny_dir, "fp32", runtime="transformers")
+    ids = model.tokenizer.encode("Hi")
+    full = run_one(model, Variant("ar", "ar"), ids, 40, 3)["ids"]
+    text = model.tokenizer.decode(full, skip_special_tokens=True)
+    stop = text[12:15]
+    decoded = [model.tokenizer.decode(full[:n], skip_special_tokens=True) for n in range(41)]
+    end = next(n for n, t in enumerate(decoded) if stop in t)  # the token that completes it
+    for v in (Variant("ar", "ar"), Variant("hf-generate", "hf-generate")):
+        got = run_one(model, v, ids, 40, 3, (stop,))["ids"]
+        assert got == full[:end], v.name

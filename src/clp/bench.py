@@ -114,13 +114,23 @@ def load_prompts(source: str, n: int | None, every: int = 1, skip: int = 0) -> l
 
 
 @torch.inference_mode()
-def hf_generate(model: Model, ids: list[int], max_new_tokens: int, lookup: int) -> dict:
+def hf_generate(
+    model: Model, ids: list[int], max_new_tokens: int, lookup: int, stop: tuple[str, ...] = ()
+) -> dict:
     """transformers' own generate (greedy, or prompt lookup when ``lookup`` > 0), timed, with
     its forward passes counted by a hook."""
     b = model.backbone
     calls = [0]
     hook = b.model.register_forward_pre_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
     extra = {"prompt_lookup_num_tokens": lookup} if lookup else {}
+    done = _stop_check(b.tokenizer, stop)
+    if done:
+        from transformers import StoppingCriteriaList
+
+        def stopped(seqs: torch.Tensor, scores) -> torch.Tensor:
+            return torch.tensor([done(seqs[0, len(ids) :].tolist())])
+
+        extra["stopping_criteria"] = StoppingCriteriaList([stopped])
     try:
         with stock_kernels(b.model):
             start = time.perf_counter()
@@ -140,17 +150,32 @@ def hf_generate(model: Model, ids: list[int], max_new_tokens: int, lookup: int) 
     return {"ids": new, "new_tokens": len(new), "seconds": seconds, "forward_passes": calls[0]}
 
 
-def run_one(model: Model, v: Variant, ids: list[int], max_new_tokens: int, lookup: int) -> dict:
-    """Generate once with variant ``v``; the record the summary is computed from."""
+def run_one(
+    model: Model,
+    v: Variant,
+    ids: list[int],
+    max_new_tokens: int,
+    lookup: int,
+    stop: tuple[str, ...] = (),
+) -> dict:
+    """Generate once with variant ``v`` (ending at any of ``stop``, as a task suite asks);
+    the record the summary is computed from."""
     if v.mode == "hf-generate":
-        return hf_generate(model, ids, max_new_tokens, 0)
+        return hf_generate(model, ids, max_new_tokens, 0, stop)
     if v.mode == "prompt-lookup":
-        return hf_generate(model, ids, max_new_tokens, lookup)
+        return hf_generate(model, ids, max_new_tokens, lookup, stop)
     if v.mode == LLAMA_CPP:
-        return _llama_cpp(model)(ids, max_new_tokens, model.backbone.eos_token_ids)
+        done = _stop_check(model.tokenizer, stop)
+        return _llama_cpp(model)(ids, max_new_tokens, model.backbone.eos_token_ids, done)
     k = lookup if v.mode == "lookup" else v.k
     res = model.generate(
-        ids, mode=v.mode, tau=v.tau, k=k, lookup=v.lookup, max_new_tokens=max_new_tokens
+        ids,
+        mode=v.mode,
+        tau=v.tau,
+        k=k,
+        lookup=v.lookup,
+        max_new_tokens=max_new_tokens,
+        stop=list(stop),
     )
     s = res.stats
     return {
@@ -163,6 +188,13 @@ def run_one(model: Model, v: Variant, ids: list[int], max_new_tokens: int, looku
         "offset_proposed": {str(j): c for j, c in sorted(s.offset_proposed.items())},
         "offset_accepted": {str(j): c for j, c in sorted(s.offset_accepted.items())},
     }
+
+
+def _stop_check(tokenizer, stop: tuple[str, ...]) -> Callable[[list[int]], bool] | None:
+    """For the external baselines: whether an output's text holds one of ``stop``."""
+    if not stop:
+        return None
+    return lambda out: any(s in tokenizer.decode(out, skip_special_tokens=True) for s in stop)
 
 
 def _llama_cpp(model: Model):
@@ -237,6 +269,10 @@ def run(
         "nll": nll,
         "variants": [asdict(v) for v in chosen],
     }
+    graded = [task_for(d.id) for d in prompts]  # task suites: scored in the sandbox, untimed
+    stops = [t.stop if t else () for t in graded]
+    if any(stops):  # a suite ends generation where its scored part has ended
+        settings["stop"] = sorted({s for st in stops for s in st})
     if every > 1:  # which prompts: every k-th of the source
         settings["every"] = every
     if skip:  # ... after the first `skip`
@@ -250,7 +286,6 @@ def run(
     for v in chosen:  # warm-up: first calls pay for allocation and lazy loading
         run_one(model, v, encoded[0], 16, lookup_tokens)
     scorer = _Scorer(model) if nll else None
-    graded = [task_for(d.id) for d in prompts]  # task suites: scored in the sandbox, untimed
     grader = Grader(model.tokenizer)
     todo = [(r, i) for r in range(rounds) for i in range(len(prompts)) if (r, i) not in records]
     bar = tqdm(total=len(todo), desc="bench", unit="prompt", disable=not progress)
@@ -261,7 +296,9 @@ def run(
             rot = (i + r) % len(chosen)  # rotate: no variant always runs first
             runs = {}
             for v in chosen[rot:] + chosen[:rot]:
-                runs[v.name] = run_one(model, v, encoded[i], max_new_tokens, lookup_tokens)
+                runs[v.name] = run_one(
+                    model, v, encoded[i], max_new_tokens, lookup_tokens, stops[i]
+                )
             if scorer and r == 0:
                 for rec in runs.values():
                     rec["nll"] = scorer(encoded[i], rec["ids"])
@@ -363,6 +400,7 @@ def summarise(settings: dict, records: dict, prompts: list[Document]) -> dict:
         "every": settings.get("every", 1),
         "skip": settings.get("skip", 0),
         "lookup_tokens": settings["lookup_tokens"],
+        "stop": settings.get("stop"),
         "completed_prompts": len({i for (_, i) in records}),
         "machine": {
             "processor": platform.processor() or platform.machine(),

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import ctypes
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -284,13 +285,20 @@ class LlamaCppGreedy:
             verbose=False,
         )
 
-    def __call__(self, ids: list[int], max_new_tokens: int, eos: set[int]) -> dict:
+    def __call__(
+        self,
+        ids: list[int],
+        max_new_tokens: int,
+        eos: set[int],
+        done: Callable[[list[int]], bool] | None = None,
+    ) -> dict:
+        """Greedy tokens after ``ids`` until EOS, the budget or ``done(output)``."""
         self.llm.reset()  # no prompt reuse from an earlier run
         out: list[int] = []
         start = time.perf_counter()
         for token in self.llm.generate(ids, temp=0.0, reset=True):
             out.append(token)
-            if token in eos or len(out) >= max_new_tokens:
+            if token in eos or len(out) >= max_new_tokens or (done and done(out)):
                 break
         seconds = time.perf_counter() - start
         return {"ids": out, "new_tokens": len(out), "seconds": seconds, "forward_passes": len(out)}

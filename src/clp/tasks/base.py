@@ -34,6 +34,11 @@ class Task:
         """The user turn for a chat instruct model."""
         raise NotImplementedError
 
+    @property
+    def stop(self) -> tuple[str, ...]:
+        """Stop strings: where the part of a reply that is scored has certainly ended."""
+        return ()
+
     def score(self, completion: str) -> Score:
         """Score the model's reply (the decoded text after the prompt)."""
         raise NotImplementedError

@@ -20,6 +20,9 @@ INSTRUCTION = (
     "Complete the following Python function. Reply with the complete function (its signature, "
     "the imports it needs and its body) in a single ```python code block."
 )
+# The reply's code block has closed: nothing after it is scored, so generation stops there.
+# (An opening fence names its language, "```python", so it does not match.)
+CLOSING_FENCE = "\n```\n"
 FENCE = re.compile(r"```[ \t]*([\w+-]*)[^\n]*\n(.*?)(?:```|\Z)", re.S)
 
 
@@ -45,6 +48,10 @@ class CodeTask(Task):
 
     def prompt(self) -> str:
         return f"{INSTRUCTION}\n\n```python\n{self.context.strip()}\n```"
+
+    @property
+    def stop(self) -> tuple[str, ...]:
+        return (CLOSING_FENCE,)
 
     def program(self, completion: str) -> str:
         """What the sandbox runs. The problem's own prompt comes first, so its imports and helper
