@@ -462,6 +462,7 @@ def serve(
     /health, /metrics) decoding with MODE; see docs/server.md."""
     from clp.api import load
     from clp.serve import ServerConfig, run
+    from clp.serve.engine import on_torch_thread
 
     config = ServerConfig(
         model_name=model,
@@ -472,7 +473,7 @@ def serve(
     )
     config.validate()  # before the minutes a load may take
     _quiet_transformers()
-    m = load(model, dtype, heads, runtime, weights)
+    m = on_torch_thread(load, model, dtype, heads, runtime, weights)  # why: serve.engine
     click.echo(
         f"serving {model} ({m.backbone.dtype}, {m.runtime_name}, mode {mode}) on "
         f"http://{host}:{port}/v1",

@@ -18,14 +18,13 @@ from dataclasses import dataclass
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
-from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
 from clp.api import MODES, Model
 from clp.errors import ClpError
 from clp.serve import protocol
-from clp.serve.engine import Engine, Job
+from clp.serve.engine import Engine, Job, on_torch_thread
 from clp.serve.prometheus import ServerMetrics
 from clp.serve.protocol import ApiError, GenRequest, Limits
 
@@ -77,7 +76,7 @@ def create_app(model: Model, config: ServerConfig | None = None) -> FastAPI:
     """The ASGI app serving ``model``; its engine starts and stops with the app's lifespan."""
     config = config or ServerConfig()
     config.validate()
-    model.policy(config.mode)  # fail at start, not at the first request: heads exist, load them
+    on_torch_thread(_load_artifacts, model, config.mode)
     name = config.model_name or model.backbone.name
     metrics = ServerMetrics()
     engine = Engine(model, config.max_queue, metrics)
@@ -232,12 +231,23 @@ class _Routes:
         return bytes(body)
 
     async def _policy(self, req: GenRequest):
-        """A fresh policy for the request's mode (the first use of a mode loads its heads or
-        predictor from disk, hence the thread)."""
+        """A fresh policy for the request's mode, built from the artifacts loaded at start."""
         try:
-            return await run_in_threadpool(self.model.policy, req.mode, req.tau)
+            return self.model.policy(req.mode, req.tau)
         except ClpError as exc:
             raise ApiError(400, str(exc), param="tau" if "tau" in str(exc) else "mode") from exc
+
+
+def _load_artifacts(model: Model, default_mode: str) -> None:
+    """Load what every mode needs, on the torch thread, so a request's policy is built without
+    running torch anywhere else. The default mode must work (fail at start, not at the first
+    request); another mode whose artifacts are missing fails on its requests."""
+    model.policy(default_mode)
+    for mode in MODES:
+        try:
+            model.policy(mode)
+        except ClpError:
+            pass
 
 
 def _too_large(limit: int) -> ApiError:

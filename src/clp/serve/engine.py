@@ -1,7 +1,8 @@
 """One backbone, many requests: a bounded queue in front of a single generation thread.
 
-The runtime holds one sequence's KV cache, so generations run one after another on a
-dedicated thread (the event loop stays free to accept, validate, stream and refuse). Each
+The runtime holds one sequence's KV cache, so generations run one after another on one
+dedicated thread, ``TORCH_THREAD`` (the event loop stays free to accept, validate, stream and
+refuse). Each
 job carries its own event queue, so a request only ever sees the tokens of its own
 generation, and its own cancellation flag, which the decode loop reads before every forward:
 a client that disconnects stops its generation at the next step.
@@ -20,6 +21,17 @@ from clp.api import Model
 from clp.decoding import Policy, Result, generate
 from clp.serve.prometheus import ServerMetrics
 from clp.serve.protocol import ApiError, GenRequest
+
+# torch's OpenMP gives every thread that runs a parallel op a team of its own, and once a
+# process holds more team threads than cores, every team's workers sleep between ops instead
+# of spinning: a decode step here then costs 1.7-2x as much. So the server does all its torch
+# work (loading the model and its artifacts, every generation) on this one thread.
+TORCH_THREAD = ThreadPoolExecutor(max_workers=1, thread_name_prefix="clp-torch")
+
+
+def on_torch_thread(fn, *args):
+    """``fn(*args)`` run on the torch thread, waited for (from synchronous code)."""
+    return TORCH_THREAD.submit(fn, *args).result()
 
 
 @dataclass
@@ -82,7 +94,6 @@ class Engine:
         self.model = model
         self.max_queue = max_queue
         self.metrics = metrics
-        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="clp-generate")
         self.queue: asyncio.Queue[Job] | None = None
         self.current: Job | None = None
         self.task: asyncio.Task | None = None
@@ -101,7 +112,8 @@ class Engine:
             self.current.cancel()
         if self.task:
             self.task.cancel()
-        self.executor.shutdown(wait=True, cancel_futures=True)
+        # the thread takes jobs in order: this returns once the cancelled one has ended
+        await asyncio.get_running_loop().run_in_executor(TORCH_THREAD, lambda: None)
 
     def submit(self, job: Job) -> None:
         """Queue ``job``, or refuse it at once (429) when ``max_queue`` requests wait."""
@@ -130,7 +142,7 @@ class Engine:
                 continue
             self.current = job
             try:
-                await loop.run_in_executor(self.executor, self._run, job)
+                await loop.run_in_executor(TORCH_THREAD, self._run, job)
             finally:
                 self.current = None
 
