@@ -283,3 +283,29 @@ def test_a_code_reply_stops_where_its_block_closes_in_every_variant(tiny_dir, co
     for v in (Variant("ar", "ar"), Variant("hf-generate", "hf-generate")):
         got = run_one(model, v, ids, 40, 3, (stop,))["ids"]
         assert got == full[:end], v.name
+
+
+def _half(tps: float, delta: float) -> dict:
+    return {"tokens_per_second": tps, "speedup": tps / 10, "task_accuracy_delta": delta,
+            "task_accuracy_delta_se": 0.01}  # fmt: skip
+
+
+def test_the_default_tau_is_the_fastest_within_two_points_on_the_tune_half():
+    from clp.tasks.stats import choose_tau
+
+    variants = {"ar": ("ar", None), "clp": ("clp", 0.8), "clp@tau=0.95": ("clp", 0.95),
+                "clp+": ("clp+", 0.8), "clp+@tau=0.95": ("clp+", 0.95)}  # fmt: skip
+    tune = {"ar": _half(10, 0), "clp": _half(12, -0.03), "clp@tau=0.95": _half(11, -0.01),
+            "clp+": _half(12, -0.10), "clp+@tau=0.95": _half(9.5, 0.0)}  # fmt: skip
+    report = {n: _half(10.5, -0.05) for n in tune}
+    result = {
+        "modes": {n: {"variant": {"mode": m, "tau": t}} for n, (m, t) in variants.items()},
+        "by_category": {"tune": tune, "report": report},
+    }
+    got = choose_tau(result)
+    # clp: 0.8 is faster but 3 points worse; 0.95 is within 2 and reported on the other half
+    assert got["clp"]["tau"] == 0.95 and got["clp"]["variant"] == "clp@tau=0.95"
+    assert got["clp"]["report"]["task_accuracy_delta"] == -0.05
+    # clp+: 0.95 keeps accuracy but is slower than ar: accept nothing
+    assert got["clp+"]["tau"] is None
+    assert choose_tau({"modes": result["modes"], "by_category": {}}) == {}

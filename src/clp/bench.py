@@ -34,6 +34,7 @@ from clp.metrics import (
 from clp.prompts import encode_prompt
 from clp.runtime import stock_kernels
 from clp.tasks import Grader, is_suite, paired_accuracy, suite_documents, task_for
+from clp.tasks.stats import choose_tau
 
 # What users would run instead, on the same prompts in the same process: transformers' greedy
 # model.generate, its prompt-lookup decoding (drafts copied from the prompt, verified), and
@@ -393,7 +394,7 @@ def summarise(settings: dict, records: dict, prompts: list[Document]) -> dict:
             keep = ("tokens_per_second", "speedup", "tokens_per_forward", "repetition_ratio")
             keep += TASK_KEYS  # a suite's categories are its tune / report halves
             by_category[cat] = {n: {key: s[key] for key in keep} for n, s in block(idx).items()}
-    return {
+    result = {
         **{k: settings.get(k) for k in _HEADER},
         "prompts": ",".join(settings["prompts"]),
         "tau": next((v["tau"] for v in settings["variants"] if v["name"] == "clp"), None),
@@ -419,6 +420,9 @@ def summarise(settings: dict, records: dict, prompts: list[Document]) -> dict:
         "modes": modes,
         "by_category": by_category,
     }
+    # task suites: the tau the unverified modes may default to (chosen on the tune half)
+    result["tau_choice"] = choose_tau(result)
+    return result
 
 
 TASK_KEYS = ("task_accuracy", "task_accuracy_delta", "task_accuracy_delta_se")
@@ -566,6 +570,19 @@ def _task_table(result: dict) -> str:
             f"{s['task_accuracy_delta']:+.3f} ± {s['task_accuracy_delta_se']:.3f} | "
             + "".join(f"{c} | " for c in cells)
         )
+    for mode, c in result.get("tau_choice", {}).items():
+        if c["tau"] is None:
+            rows.append(
+                f"\n{mode}: no tau keeps task accuracy {c['rule']} on the tune half "
+                "and pays; default: accept nothing (tau > 1, the output of ar)."
+            )
+        else:
+            r = c["report"]
+            rows.append(
+                f"\n{mode}: tau {c['tau']:g} is the fastest {c['rule']} on the tune half; on "
+                f"the report half: {r['task_accuracy_delta']:+.3f} ± "
+                f"{r['task_accuracy_delta_se']:.3f}, {r['speedup']:.3f}x."
+            )  # fmt: skip
     return "\n" + "\n".join(r.rstrip() for r in rows) + "\n"
 
 
