@@ -107,6 +107,20 @@ class Tree:
     def chain(cls, tokens: list[int]) -> Tree:
         return cls(list(tokens), list(range(-1, len(tokens) - 1)))
 
+    def with_chain(self, tokens: list[int]) -> Tree:
+        """This tree with ``tokens`` as one more branch from the root, sharing the nodes
+        that already hold its first tokens."""
+        out_tokens, out_parents, node = list(self.tokens), list(self.parents), -1
+        for token in tokens:
+            pairs = list(zip(out_parents, out_tokens, strict=True))
+            if (node, token) in pairs:
+                node = pairs.index((node, token))
+            else:
+                out_tokens.append(token)
+                out_parents.append(node)
+                node = len(out_tokens) - 1
+        return Tree(out_tokens, out_parents)
+
     def depths(self) -> list[int]:
         """Depth of each node: 1 for a child of the backbone's token."""
         out: list[int] = []
