@@ -55,6 +55,7 @@ def test_generate_streams_text_and_a_summary(tiny_dir):
         (["-m", "TINY", "-n", "-3", "hi"], "max_new_tokens must be > 0"),
         (["-m", "TINY", "x" * 80], "the model's context holds 64"),
         (["-m", "TINY", "--mode", "warp", "hi"], "unknown mode 'warp'"),
+        (["-m", "TINY", "--tree-nodes", "4", "hi"], "tree_nodes is a number of draft nodes"),
     ],
 )
 def test_bad_input_is_one_line_and_non_zero(tiny_dir, args, message):

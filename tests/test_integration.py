@@ -74,6 +74,21 @@ def test_verify_with_committed_heads_equals_ar_greedy(smollm2_fp32):
     assert accepted > 0 and eos > 0
 
 
+@pytest.mark.parametrize("runtime", ["transformers", "cpu"])
+def test_verify_with_a_tree_of_head_drafts_equals_ar(smollm2_fp32, runtime):
+    """Greedy and seeded sampling: the committed heads' dynamic tree (8 nodes) and the lookup
+    span, verified in one forward per step, give exactly ar's tokens."""
+    model = Model(smollm2_fp32, runtime=runtime)
+    deeper = 0
+    for i, prompt in enumerate(VERIFY_PROMPTS[:10]):
+        for kw in ({}, {"temperature": 0.8, "top_p": 0.9, "seed": i})[: 1 + (i < 3)]:
+            ar = model.generate(prompt, max_new_tokens=40, **kw)
+            tree = model.generate(prompt, mode="verify", tree_nodes=8, max_new_tokens=40, **kw)
+            assert tree.token_ids == ar.token_ids, (prompt, kw)
+            deeper += sum(c for extra, c in tree.stats.accepted_lengths.items() if extra)
+    assert deeper > 0
+
+
 def test_verify_equals_ar_in_bf16_as_well():
     """bf16 rounds every step, so this holds only because the runtime gives each token the
     same bits however many tokens a forward carries (clp.runtime.patch_kernels)."""

@@ -293,3 +293,65 @@ def test_bench_skip_takes_prompts_disjoint_from_an_earlier_run():
         bench.load_prompts("mtbench", 4, skip=-1)
     with pytest.raises(ClpError, match="no prompts in mtbench after the first 80"):
         bench.load_prompts("mtbench", 4, skip=80)
+
+
+@pytest.fixture(scope="module")
+def on_transformers(tiny, artifacts):
+    return Model(tiny, artifacts, runtime="transformers")
+
+
+@pytest.mark.parametrize("runtime", ["model", "on_transformers"])
+@pytest.mark.parametrize("nodes", [1, 6, 15])
+def test_verify_with_a_tree_is_token_identical_to_ar(runtime, nodes, request):
+    """Greedy, and seeded sampling: along the tree one draw per output token, as plain
+    sampling draws them (``clp.decoding._walk``), so even the sampled tokens are ar's."""
+    m = request.getfixturevalue(runtime)
+    spans = 0
+    for prompt in PROMPTS[::3]:
+        for kw in ({}, {"temperature": 0.9, "top_k": 20, "seed": 5}):
+            ar = gen(m, prompt, "ar", **kw)
+            tree = gen(m, prompt, "verify", tree_nodes=nodes, **kw)
+            assert tree.token_ids == ar.token_ids, (prompt, kw)
+            spans += sum(c for extra, c in tree.stats.accepted_lengths.items() if extra > 0)
+    assert spans > 0
+
+
+def test_the_heads_tree_holds_their_chain_and_the_likeliest_alternatives(model):
+    heads = model.heads()
+    for seed in range(5):
+        hidden = torch.randn(
+            model.backbone.hidden_size, generator=torch.Generator().manual_seed(seed)
+        )
+        chain = heads.propose(hidden, 7)
+        tokens, parents = heads.tree(hidden, 7, nodes=20)  # every candidate of 4 x 4 branches
+        assert len(tokens) == 20 and parents[:4] == [-1] * 4
+        assert all(-1 <= p < i for i, p in enumerate(parents))
+        siblings = [(p, t) for p, t in zip(parents, tokens, strict=True)]
+        assert len(set(siblings)) == len(siblings)
+        first = tokens.index(chain[0])
+        assert parents[first] == -1 and (first, chain[1]) in siblings  # the chain is a path
+        assert heads.tree(hidden, 7, nodes=1) == ([chain[0]], [-1])
+        small = heads.tree(hidden, 7, nodes=5)
+        assert len(small[0]) == 5 and small[0][0] == chain[0]
+
+
+def test_a_tree_takes_the_lookup_span_as_one_more_branch(model):
+    from clp.decoding import Tree
+
+    hidden = torch.randn(model.backbone.hidden_size)
+    cap = min(4, getattr(model.runtime, "max_drafts", 4))
+    tree = model.policy("verify", tree_nodes=8).propose(hidden, [5, 6, 7, 8, 9, 1, 6, 7], None)
+    assert isinstance(tree, Tree) and len(tree.tokens) <= 8
+    node, path = -1, []
+    pairs = list(zip(tree.parents, tree.tokens, strict=True))
+    for token in [8, 9, 1, 6][:cap]:  # the copied span, from the root
+        node = pairs.index((node, token))
+        path.append(node)
+    assert len(path) == cap
+    assert Tree([3, 8], [-1, -1]).with_chain([8, 9]) == Tree([3, 8, 9], [-1, -1, 1])
+
+
+def test_bad_tree_budgets_fail_clearly(model):
+    for mode, nodes in (("clp", 4), ("verify", 16), ("verify", -1)):
+        with pytest.raises(ClpError, match="tree_nodes is a number of draft nodes, 0 to 15"):
+            model.policy(mode, tree_nodes=nodes)

@@ -20,6 +20,9 @@ MODES = ("ar", "mtp", "gate", "clp", "clp+", "verify", "competing", "lookup")
 DEFAULT_TAU = 0.8
 DEFAULT_LOOKUP = 4  # verify: drafts copied after an earlier occurrence of the last bigram
 RUNTIMES = ("auto", "cpu", "transformers", "llama.cpp")
+# verify's tree drafts: with the backbone's token, one forward of at most 16 rows (the cpu
+# runtime's decode kernels; wider forwards take its prefill kernels, other bits)
+MAX_TREE_NODES = 15
 WEIGHTS = FORMATS  # the cpu runtime's weight formats
 # Measured slower than llama.cpp there and not exact (lookup 28/40 identical to ar):
 # results/qwen2.5-coder-1.5b-cpu-q4-mtbench40-no-heads-zen4. `--runtime cpu` still runs it.
@@ -54,6 +57,21 @@ def make_runtime(backbone: Backbone, runtime: str, weights: str = "q4"):
         kind = "f32" if backbone.dtype == torch.float32 else "bf16"
         return LlamaCppRuntime(backbone, ensure_gguf(backbone.name, kind))
     raise ClpError(f"unknown runtime '{runtime}'; choose from {', '.join(RUNTIMES)}")
+
+
+def check_tree_nodes(tree_nodes: int, mode: str, runtime: str) -> None:
+    """Trees are for verify, on a runtime that runs a tree mask, within one forward's rows."""
+    if not tree_nodes:
+        return
+    if mode != "verify" or not 0 < tree_nodes <= MAX_TREE_NODES:
+        raise ClpError(
+            f"tree_nodes is a number of draft nodes, 0 to {MAX_TREE_NODES}, for mode verify; "
+            f"got {tree_nodes} for mode {mode}"
+        )
+    if runtime == "llama.cpp":
+        from clp.llama_runtime import NO_TREES
+
+        raise ClpError(NO_TREES)
 
 
 def default_heads_dir(name: str) -> Path | None:
@@ -119,14 +137,22 @@ class Model:
         return self._loaded[kind]
 
     def policy(
-        self, mode: str, tau: float | None = None, k: int | None = None, lookup: int | None = None
+        self,
+        mode: str,
+        tau: float | None = None,
+        k: int | None = None,
+        lookup: int | None = None,
+        tree_nodes: int = 0,
     ) -> Policy:
         """The decoding policy of ``mode``; ``k`` runs only the first k heads (mtp and verify:
         the predictors and the gate are trained for the heads' own k). ``lookup`` (verify
         only, default 4): when the last two tokens occurred before, the drafts are the
-        ``lookup`` tokens that followed them, not the heads'; 0: always the heads'."""
+        ``lookup`` tokens that followed them, not the heads'; 0: always the heads'.
+        ``tree_nodes`` (verify only, 0 to MAX_TREE_NODES): draft a tree of that many nodes,
+        the heads' likeliest branches and the lookup span, checked in one forward."""
         if mode not in MODES:
             raise ClpError(f"unknown mode '{mode}'; available: {', '.join(MODES)}")
+        check_tree_nodes(tree_nodes, mode, self.runtime_name)
         if tau is not None and tau < 0:
             raise ClpError(f"tau must be >= 0, got {tau}")
         if lookup is not None and (mode != "verify" or lookup < 0):
@@ -155,7 +181,7 @@ class Model:
             predictor = self.predictor("clp") if tau is not None else None
             if lookup is None:  # a runtime may cap drafts where wider forwards cost more
                 lookup = min(DEFAULT_LOOKUP, getattr(self.runtime, "max_drafts", DEFAULT_LOOKUP))
-            return policies.Verified(heads, predictor, tau or 0.0, lookup)
+            return policies.Verified(heads, predictor, tau or 0.0, lookup, tree_nodes)
         cls = policies.PredictedLength if mode == "clp" else policies.PredictedLengthPlus
         return cls(heads, self.predictor(mode), DEFAULT_TAU if tau is None else tau)
 
@@ -166,6 +192,7 @@ class Model:
         tau: float | None = None,
         k: int | None = None,
         lookup: int | None = None,
+        tree_nodes: int = 0,
         max_new_tokens: int = 128,
         temperature: float = 0.0,
         top_k: int = 0,
@@ -176,7 +203,7 @@ class Model:
         on_text: Callable[[str], None] | None = None,
     ) -> Result:
         """Decode a text prompt (chat-formatted unless ``raw``) or a list of token ids."""
-        policy = self.policy(mode, tau, k, lookup)
+        policy = self.policy(mode, tau, k, lookup, tree_nodes)
         ids = prompt if isinstance(prompt, list) else encode_prompt(self.tokenizer, prompt, raw)
         return generate(
             self.runtime,

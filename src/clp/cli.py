@@ -105,6 +105,14 @@ UNVERIFIED = ("mtp", "gate", "clp", "clp+", "competing")
     help="verify: when the last two tokens occurred before, draft the N tokens that followed "
     "them instead of the heads' proposals (default 4; 0: always the heads').",
 )
+@click.option(
+    "--tree-nodes",
+    default=0,
+    show_default=True,
+    type=int,
+    help="verify: draft a tree of N nodes (up to 15) checked in one forward, the heads' "
+    "likeliest branches plus the lookup span; 0: one chain.",
+)
 @HEADS
 @click.option("--max-new-tokens", "-n", default=128, show_default=True, type=int)
 @click.option(
@@ -125,6 +133,7 @@ def generate(
     mode,
     tau,
     lookup,
+    tree_nodes,
     heads,
     max_new_tokens,
     temperature,
@@ -162,6 +171,7 @@ def generate(
         mode=mode,
         tau=tau,
         lookup=lookup,
+        tree_nodes=tree_nodes,
         max_new_tokens=max_new_tokens,
         temperature=temperature,
         top_k=top_k,

@@ -6,6 +6,10 @@ drafts are checked here against the backbone's own choice at each position, the 
 agreeing prefix is kept, and the rejected tail is dropped from the cache. Either way the
 backbone then picks the next token itself (Backbone-as-Architect) and the policy proposes
 drafts after it.
+
+A verifying policy may instead propose a ``Tree`` of drafts: every branch is checked in the
+same one forward (each node attends to the cache and its own ancestors), the longest path the
+backbone agrees with is kept and the cache is compacted to it (``Runtime.keep``).
 """
 
 from __future__ import annotations
@@ -83,6 +87,46 @@ class Policy:
 
     def propose(self, hidden: torch.Tensor, tokens: list[int], logits: torch.Tensor) -> list[int]:
         return []
+
+
+@dataclass(frozen=True)
+class Tree:
+    """Draft tokens as a tree: ``parents[i]`` is the index of node i's parent (< i), or -1
+    for a child of the backbone's own token. A chain is the tree whose parents are i - 1."""
+
+    tokens: list[int]
+    parents: list[int]
+
+    def __post_init__(self) -> None:
+        if len(self.tokens) != len(self.parents):
+            raise ValueError("a tree needs one parent per token")
+        if any(not -1 <= p < i for i, p in enumerate(self.parents)):
+            raise ValueError("each node's parent must come before it (or be -1)")
+
+    @classmethod
+    def chain(cls, tokens: list[int]) -> Tree:
+        return cls(list(tokens), list(range(-1, len(tokens) - 1)))
+
+    def with_chain(self, tokens: list[int]) -> Tree:
+        """This tree with ``tokens`` as one more branch from the root, sharing the nodes
+        that already hold its first tokens."""
+        out_tokens, out_parents, node = list(self.tokens), list(self.parents), -1
+        for token in tokens:
+            pairs = list(zip(out_parents, out_tokens, strict=True))
+            if (node, token) in pairs:
+                node = pairs.index((node, token))
+            else:
+                out_tokens.append(token)
+                out_parents.append(node)
+                node = len(out_tokens) - 1
+        return Tree(out_tokens, out_parents)
+
+    def depths(self) -> list[int]:
+        """Depth of each node: 1 for a child of the backbone's token."""
+        out: list[int] = []
+        for p in self.parents:
+            out.append(1 if p == -1 else out[p] + 1)
+        return out
 
 
 @dataclass
@@ -241,10 +285,26 @@ def generate(
         if should_stop is not None and should_stop():
             out.stop_reason = "cancelled"
             break
-        hidden = runtime.feed(feed)
+        tree = drafts if isinstance(drafts, Tree) else None
+        if tree is not None:  # the backbone's token is the root, row 0
+            hidden = runtime.feed(feed, [-1] + [p + 1 for p in tree.parents])
+        else:
+            hidden = runtime.feed(feed)
         stats.forward_passes += 1
         committed = 0
-        if policy.verifies and drafts:
+        if tree is not None:
+            rows = hidden[-(len(tree.tokens) + 1) :]
+            all_logits = runtime.logits(len(rows))
+            path, choices = _walk(tree, all_logits, select)
+            depths = set(tree.depths())
+            for j in depths:
+                stats.offset_proposed[j] += 1
+                stats.offset_accepted[j] += j <= len(path)
+            runtime.keep([0] + [i + 1 for i in path])
+            committed += out.add([tree.tokens[i] for i in path])
+            last = path[-1] + 1 if path else 0
+            h, logits, token = rows[last], all_logits[last], choices[-1]
+        elif policy.verifies and drafts:
             rows = hidden[-(len(drafts) + 1) :]
             all_logits = runtime.logits(len(rows))
             kept, choices = _verify(drafts, all_logits, select)
@@ -273,7 +333,9 @@ def generate(
         stats.accepted_lengths[committed - 1] += 1
         if out.stop_reason:
             break
-        feed = [token] + drafts
+        if isinstance(drafts, Tree) and not drafts.tokens:
+            drafts = []
+        feed = [token] + (drafts.tokens if isinstance(drafts, Tree) else drafts)
     stats.seconds = time.perf_counter() - start
     stats.new_tokens = len(out.ids)
     reason = out.stop_reason
@@ -295,3 +357,27 @@ def _verify(drafts: list[int], logits: torch.Tensor, select: Sampler) -> tuple[i
         if j == len(drafts) or choices[j] != drafts[j]:
             return j, choices
     raise AssertionError("logits must have one row more than drafts")
+
+
+def _walk(tree: Tree, logits: torch.Tensor, select: Sampler) -> tuple[list[int], list[int]]:
+    """The backbone's own choice at each node from the root, descending into the child that
+    holds it, until no child does.
+
+    Returns the accepted nodes (indices into the tree) and the choices made (one more).
+    ``logits`` row 0 is the root's, row i + 1 node i's. Each choice is drawn from the
+    backbone's distribution given exactly the path above it, and becomes the next output
+    token whether or not a child holds it, so the output is drawn as plain sampling draws it
+    (with the same seed, the same draws): the sampling distribution is unchanged.
+    """
+    children: dict[tuple[int, int], int] = {}
+    for i, (token, parent) in enumerate(zip(tree.tokens, tree.parents, strict=True)):
+        children.setdefault((parent, token), i)
+    path: list[int] = []
+    choices: list[int] = []
+    node = -1
+    while True:
+        choices.append(select(logits[node + 1]))
+        node = children.get((node, choices[-1]), -2)
+        if node == -2:
+            return path, choices
+        path.append(node)

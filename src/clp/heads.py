@@ -213,6 +213,49 @@ class MTPHeads(nn.Module):
     def propose(self, hidden: torch.Tensor, token: int, n: int | None = None) -> list[int]:
         return self.run(hidden, token, n)[0]
 
+    @torch.inference_mode()
+    def tree(
+        self, hidden: torch.Tensor, token: int, nodes: int, n: int | None = None, branch: int = 4
+    ) -> tuple[list[int], list[int]]:
+        """A dynamic draft tree of ``nodes`` nodes (EAGLE-2's idea): at each depth the heads
+        give each of the ``branch`` most probable nodes so far their ``branch`` likeliest
+        children (one batched call per head, each branch's chain head fed its own token),
+        and the ``nodes`` candidates of highest path probability are kept. A node's path
+        probability never exceeds its parent's, so every kept node's parent is kept too.
+        Returns (tokens, parents) in breadth-first order, parents as in ``clp.decoding.Tree``
+        (-1: a child of ``token``)."""
+        dtype = self.lm_head.dtype
+        state, prev = hidden[None].to(dtype), torch.tensor([token])
+        score = torch.zeros(1)  # log path probability of the nodes expanded next
+        parent_of = torch.tensor([-1])  # their candidate index (-1: the root)
+        found: list[tuple[float, int, int, int]] = []  # (log prob, depth, parent, token)
+        for depth, step in enumerate(self.steps[: self.config.k if n is None else n], 1):
+            if self.config.arch == "chain":
+                state, normed = step(state, self.embedding[prev].to(dtype))
+            else:
+                normed = step(hidden[None].to(dtype)).expand(len(prev), -1)
+            logp = torch.log_softmax(self.draft_logits(normed).float(), -1) + score[:, None]
+            top = logp.topk(min(branch, logp.shape[-1]), -1)
+            first = len(found)
+            for row, (values, ids) in enumerate(zip(top.values, top.indices, strict=True)):
+                for value, i in zip(values.tolist(), ids.tolist(), strict=True):
+                    found.append((value, depth, int(parent_of[row]), int(self.draft_ids[i])))
+            best = top.values.flatten().topk(min(branch, top.values.numel())).indices
+            rows = torch.div(best, top.values.shape[1], rounding_mode="floor")
+            state = state[rows] if self.config.arch == "chain" else state
+            prev = self.draft_ids[top.indices.flatten()[best]]
+            score, parent_of = top.values.flatten()[best], first + best
+        return _best_nodes(found, nodes)
+
+
+def _best_nodes(found: list[tuple[float, int, int, int]], nodes: int):
+    """The ``nodes`` candidates of highest path probability (a parent before its children
+    at equal probability), in breadth-first order: (tokens, parents)."""
+    chosen = sorted(range(len(found)), key=lambda i: (-found[i][0], found[i][1]))[:nodes]
+    chosen.sort(key=lambda i: (found[i][1], -found[i][0]))
+    index = {c: j for j, c in enumerate(chosen)}
+    return [found[c][3] for c in chosen], [index.get(found[c][2], -1) for c in chosen]
+
 
 # ----- save / load --------------------------------------------------------------------------------
 

@@ -160,6 +160,12 @@ class _Context:
             llama.llama_model_free(self._model)
 
 
+NO_TREES = (
+    "the llama.cpp runtime cannot verify token trees (--tree-nodes > 0): use --runtime cpu "
+    "or transformers"
+)
+
+
 class LlamaCppRuntime(_Context):
     """One sequence on a llama.cpp context; returns final hidden states and keeps the logits."""
 
@@ -183,7 +189,9 @@ class LlamaCppRuntime(_Context):
         self._length += len(tokens)
         return taken
 
-    def feed(self, tokens: list[int]) -> torch.Tensor:
+    def feed(self, tokens: list[int], parents: list[int] | None = None) -> torch.Tensor:
+        if parents is not None:
+            raise ClpError(NO_TREES)
         if self._length + len(tokens) > self.context:
             raise ClpError(f"the sequence would exceed the runtime's context of {self.context}")
         # a first feed (the prompt) needs only its last row; later feeds need every row
@@ -201,6 +209,9 @@ class LlamaCppRuntime(_Context):
         if n > 0:
             self._length -= n
             self.llama.llama_memory_seq_rm(self._memory, 0, self._length, -1)
+
+    def keep(self, rows: list[int]) -> None:
+        raise ClpError(NO_TREES)
 
     @property
     def length(self) -> int:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from clp.decoding import Policy
+from clp.decoding import Policy, Tree
 from clp.heads import MTPHeads
 from clp.predictor import Gate, LengthPredictor, accept_length, confidence_features
 
@@ -98,7 +98,8 @@ class Verified(Policy):
     when the last two tokens occurred earlier in the prompt or output, the ``lookup`` tokens
     that followed them are the drafts instead of the heads': copied spans (names, code,
     quoted text) are where the heads miss and a lookup rarely does (see
-    benchmarks/draft_sim.py)."""
+    benchmarks/draft_sim.py). With ``tree_nodes`` > 0 the drafts are a tree of that many
+    nodes: the heads' dynamic tree (``MTPHeads.tree``), the lookup span one more branch."""
 
     name = "verify"
     verifies = True
@@ -109,16 +110,21 @@ class Verified(Policy):
         predictor: LengthPredictor | None = None,
         tau: float = 0.0,
         lookup: int = 0,
+        tree_nodes: int = 0,
     ):
-        self.heads, self.lookup = heads, lookup
+        self.heads, self.lookup, self.tree_nodes = heads, lookup, tree_nodes
         self.length = PredictedLength(heads, predictor, tau).length if predictor else None
 
     def propose(self, hidden, tokens, logits):
         copied = prompt_lookup(tokens, self.lookup, min_ngram=2) if self.lookup else []
-        if copied:
+        if copied and not self.tree_nodes:
             return copied
         n = self.length(hidden, tokens, logits) if self.length else None
-        return self.heads.propose(hidden, tokens[-1], n) if n != 0 else []
+        if not self.tree_nodes:
+            return self.heads.propose(hidden, tokens[-1], n) if n != 0 else []
+        budget = self.tree_nodes - len(copied)  # the lookup span is one more branch
+        tree = self.heads.tree(hidden, tokens[-1], budget, n) if n != 0 and budget > 0 else None
+        return Tree(*(tree or ([], []))).with_chain(copied)
 
 
 class PromptLookup(Policy):

@@ -4,6 +4,10 @@ A runtime keeps one sequence's KV cache. The loop feeds it new tokens and gets t
 hidden states (after the final norm: what the LM head reads), asks for logits of the rows it
 needs, and drops cache entries of rejected tokens. Nothing else. Another runtime (llama.cpp,
 say) can back the same loop by implementing these few methods.
+
+Token trees: ``feed(tokens, parents)`` runs several draft branches in one forward, each token
+attending to the cache and its own ancestors at position cache length + depth, and
+``keep(rows)`` then compacts the cache to the accepted path.
 """
 
 from __future__ import annotations
@@ -26,9 +30,11 @@ class Runtime(Protocol):
     def reset(self) -> None:
         """Forget the sequence: the next feed starts a new one."""
 
-    def feed(self, tokens: list[int]) -> torch.Tensor:
+    def feed(self, tokens: list[int], parents: list[int] | None = None) -> torch.Tensor:
         """Append tokens to the sequence; return their final hidden states, shape [n, d]
-        (a runtime may return only the last row of the first feed, the prompt)."""
+        (a runtime may return only the last row of the first feed, the prompt). With
+        ``parents`` the tokens are a tree: token i follows token parents[i] (< i), or the
+        cache when -1; each row gets the bits it would get if its path were fed alone."""
 
     def logits(self, last: int = 1) -> torch.Tensor:
         """Next-token logits (float32) of the last ``last`` tokens of the latest feed: [last, V]."""
@@ -36,9 +42,34 @@ class Runtime(Protocol):
     def drop_last(self, n: int) -> None:
         """Remove the last n tokens from the cache (rejected drafts)."""
 
+    def keep(self, rows: list[int]) -> None:
+        """Keep only rows ``rows`` (ascending: a root-to-node path) of the latest feed, moved
+        into place after the cache before it: the cache of that path fed alone."""
+
     @property
     def length(self) -> int:
         """Tokens in the cache."""
+
+
+def tree_rows(parents: list[int]) -> tuple[list[int], list[list[int]]]:
+    """Each fed row's depth (0 for a child of the cache) and its ancestors and itself, in
+    order: where it sits and which of the new rows it attends to."""
+    depths: list[int] = []
+    lines: list[list[int]] = []
+    for i, p in enumerate(parents):
+        if not -1 <= p < i:
+            raise ValueError(f"row {i} has parent {p}: a parent must come before its child")
+        depths.append(0 if p == -1 else depths[p] + 1)
+        lines.append([i] if p == -1 else [*lines[p], i])
+    return depths, lines
+
+
+def tree_keys(start: int, parents: list[int]) -> list[torch.Tensor]:
+    """Per fed row, the cache indices its attention reads: the cache before the feed, then
+    its ancestors and itself (gathered: the same values, in the order its path fed alone
+    reads them, so the same bits)."""
+    _, lines = tree_rows(parents)
+    return [torch.cat([torch.arange(start), torch.tensor(line) + start]) for line in lines]
 
 
 def _few_rows_linear(self: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
@@ -78,12 +109,15 @@ def _row_by_row_sdpa(module, query, key, value, attention_mask, **kwargs):
     so `verify` drifted from `ar` at near-ties; now a token gets the same bits in a 1-token
     and a 3-token forward. The packed layout also avoids torch's slow CPU path for a
     one-token grouped-query SDPA (~240 against ~30 us a layer, Zen 4). A prefill, longer
-    feeds, padded batches and sliding windows in reach keep transformers' path."""
+    feeds, padded batches and sliding windows in reach keep transformers' path. A token tree
+    (``tree_keys``, one key index per row) always runs here: a node reads exactly the keys
+    its path fed alone reads, in the same order."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     (b, heads, q_len, dim), (kv_heads, kv_len) = query.shape, key.shape[1:3]
     window = kwargs.get("sliding_window")
-    if (
+    tree = kwargs.get("tree_keys") is not None  # a token tree: always row by row
+    if not tree and (
         q_len == kv_len
         or q_len > 16
         or (window and kv_len > window)
@@ -91,16 +125,23 @@ def _row_by_row_sdpa(module, query, key, value, attention_mask, **kwargs):
     ):
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
     group = heads // kv_heads
+    keys = kwargs.get("tree_keys") or [None] * q_len
     rows = [
         torch.nn.functional.scaled_dot_product_attention(
             query[:, :, i].reshape(b, kv_heads, group, dim),
-            key[:, :, : kv_len - q_len + i + 1],
-            value[:, :, : kv_len - q_len + i + 1],
+            *_row_keys(key, value, kv_len - q_len + i + 1, keys[i]),
             scale=kwargs.get("scaling"),
         ).reshape(b, 1, heads, dim)
         for i in range(q_len)
     ]
     return torch.cat(rows, dim=1), None
+
+
+def _row_keys(key, value, end: int, index: torch.Tensor | None):
+    """One row's keys and values: the causal prefix up to ``end``, or a tree row's own."""
+    if index is None:
+        return key[:, :, :end], value[:, :, :end]
+    return key.index_select(2, index), value.index_select(2, index)
 
 
 def _padded(attention_mask: torch.Tensor | None) -> bool:
@@ -161,6 +202,7 @@ class TransformersRuntime:
         self.vocab_size = backbone.vocab_size
         self.cache = None
         self._length = 0
+        self._fed = 0  # tokens of the latest feed
         self._hidden: torch.Tensor | None = None
         if patched:  # see patch_kernels; False keeps transformers' kernels (comparisons)
             patch_kernels(self.model, backbone.dtype)
@@ -170,14 +212,31 @@ class TransformersRuntime:
         self._length = 0
 
     @torch.inference_mode()
-    def feed(self, tokens: list[int]) -> torch.Tensor:
+    def feed(self, tokens: list[int], parents: list[int] | None = None) -> torch.Tensor:
         if self.cache is None:
             self.reset()
         ids = torch.tensor([tokens], dtype=torch.long)
-        out = self.decoder(input_ids=ids, cache=self.cache, use_cache=True)
+        tree = self._tree_inputs(parents) if parents is not None else {}
+        out = self.decoder(input_ids=ids, cache=self.cache, use_cache=True, **tree)
         self._length += len(tokens)
+        self._fed = len(tokens)
         self._hidden = out.last_hidden_state[0]
         return self._hidden
+
+    def _tree_inputs(self, parents: list[int]) -> dict:
+        """Positions (cache length + depth), the 4D mask of each row's keys (the cache and
+        its ancestors) and the same as index lists for the row-by-row attention."""
+        start, n = self._length, len(parents)
+        depths, lines = tree_rows(parents)
+        mask = torch.zeros(1, 1, n, start + n, dtype=torch.bool)
+        mask[..., :start] = True
+        for i, line in enumerate(lines):
+            mask[0, 0, i, [start + j for j in line]] = True
+        return {
+            "position_ids": torch.tensor([depths]) + start,
+            "attention_mask": mask,
+            "tree_keys": tree_keys(start, parents),
+        }
 
     @torch.inference_mode()
     def logits(self, last: int = 1) -> torch.Tensor:
@@ -190,6 +249,16 @@ class TransformersRuntime:
         if n > 0:
             self._length -= n
             self.cache.crop(-n)  # a negative count removes that many trailing entries
+
+    def keep(self, rows: list[int]) -> None:
+        start = self._length - self._fed
+        if rows == list(range(len(rows))):  # a prefix: nothing moves
+            return self.drop_last(self._fed - len(rows))
+        index = torch.cat([torch.arange(start), torch.tensor(rows) + start])
+        for layer in self.cache.layers:
+            layer.keys = layer.keys.index_select(-2, index)
+            layer.values = layer.values.index_select(-2, index)
+        self._length = start + len(rows)
 
     @property
     def length(self) -> int:

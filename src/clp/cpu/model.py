@@ -10,6 +10,7 @@ query heads of a key/value group packed as rows (the call a 1-token forward make
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, replace
 
 import torch
@@ -54,30 +55,31 @@ class Layer(nn.Module):
         kv = cfg.kv_heads * cfg.head_dim
         self.split = [cfg.heads * cfg.head_dim, kv, kv]
 
-    def forward(self, x, cos, sin, k_cache, v_cache, start: int) -> torch.Tensor:
+    def forward(self, x, cos, sin, k_cache, v_cache, start: int, keys=None) -> torch.Tensor:
         cfg, t = self.cfg, x.shape[0]
         q, k, v = self.qkv(rms_norm(x, self.attn_norm, cfg.eps)).split(self.split, -1)
         q = rotate(q.view(t, cfg.heads, cfg.head_dim), cos, sin)
         k = rotate(k.view(t, cfg.kv_heads, cfg.head_dim), cos, sin)
         k_cache[:, start : start + t] = k.transpose(0, 1)
         v_cache[:, start : start + t] = v.view(t, cfg.kv_heads, cfg.head_dim).transpose(0, 1)
-        x = x + self.o(attend(q, k_cache, v_cache, start))
+        x = x + self.o(attend(q, k_cache, v_cache, start, keys))
         gate, up = self.gate_up(rms_norm(x, self.ffn_norm, cfg.eps)).chunk(2, -1)
         return x + self.down(F.silu(gate) * up)
 
 
-def attend(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, start: int):
+def attend(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, start: int, keys=None):
     """Attention of the new rows ``q`` [T, H, dim] at positions start.. over the cache
-    [KV, context, dim] (their own keys already written): [T, H * dim]."""
+    [KV, context, dim] (their own keys already written): [T, H * dim]. ``keys``: for a token
+    tree, each row's cache indices (the cache before it, its ancestors, itself)."""
     t, heads, dim = q.shape
     kv = k_cache.shape[0]
     end = start + t
-    if start and t <= PREFILL_ROWS:  # a decode step: row by row
+    if keys is not None or (start and t <= PREFILL_ROWS):  # a decode step: row by row
+        keys = keys or [None] * t
         rows = [
             F.scaled_dot_product_attention(
                 q[i].view(1, kv, heads // kv, dim),
-                k_cache[None, :, : start + i + 1],
-                v_cache[None, :, : start + i + 1],
+                *_row_keys(k_cache, v_cache, start + i + 1, keys[i]),
             ).reshape(1, heads * dim)
             for i in range(t)
         ]
@@ -94,6 +96,21 @@ def attend(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, start:
         enable_gqa=True,
     )
     return out[0].transpose(0, 1).reshape(t, heads * dim)
+
+
+def _row_keys(k_cache, v_cache, end: int, index: torch.Tensor | None):
+    """One row's keys and values [1, KV, n, dim]: the prefix up to ``end``, or a tree row's."""
+    if index is None:
+        return k_cache[None, :, :end], v_cache[None, :, :end]
+    return k_cache.index_select(1, index)[None], v_cache.index_select(1, index)[None]
+
+
+def _no_duck_shapes(tree: bool):
+    """For a tree's graph, key sets of equal size get no equality guard: else every pattern
+    of equal depths in a tree compiles a graph of its own (one per row count instead)."""
+    from torch.fx.experimental import _config
+
+    return _config.patch(use_duck_shape=False) if tree else contextlib.nullcontext()
 
 
 class Decoder(nn.Module):
@@ -122,21 +139,36 @@ class Decoder(nn.Module):
         self.cos, self.sin = angles.cos(), angles.sin()
 
     @torch.inference_mode()
-    def forward(self, tokens: torch.Tensor, start: int) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, start: int, tree=None) -> torch.Tensor:
+        """``tree``: (positions [T], each row's cache indices) of a token tree, whose rows
+        sit at start + depth and attend to the cache and their ancestors only."""
         end = start + len(tokens)
-        cos, sin = self.cos[start:end], self.sin[start:end]
+        positions, keys = tree if tree is not None else (slice(start, end), None)
+        cos, sin = self.cos[positions], self.sin[positions]
         x = self.embed[tokens]
         decode = start and len(tokens) <= PREFILL_ROWS
-        for i, layer in enumerate(self.layers):
-            # a prompt runs eager (its length varies); decode steps run compiled, if compiled
-            step = layer if decode else layer.forward
-            x = step(x, cos, sin, self.k_cache[i], self.v_cache[i], start)
+        with _no_duck_shapes(keys is not None):
+            for i, layer in enumerate(self.layers):
+                # a prompt runs eager (its length varies); decode steps run compiled, if so
+                step = layer if decode else layer.forward
+                x = step(x, cos, sin, self.k_cache[i], self.v_cache[i], start, keys)
         return rms_norm(x, self.norm, self.cfg.eps)
+
+    def keep(self, start: int, rows: torch.Tensor) -> None:
+        """Move the cache entries at start + rows to start, start + 1, ... (every layer)."""
+        end = start + len(rows)
+        self.k_cache[:, :, start:end] = self.k_cache[:, :, start + rows]
+        self.v_cache[:, :, start:end] = self.v_cache[:, :, start + rows]
 
     def compile(self) -> None:
         """torch.compile each layer for decode steps (one graph per row count, shared by
         every layer; the cache position stays symbolic): fuses the norms, rotary and
-        activation ops between the kernels, ~15% of a step here."""
+        activation ops between the kernels, ~15% of a step here. Past dynamo's recompile
+        limit a layer would run eager, with other bits: the limit is raised to cover every
+        row count."""
+        # row counts 1..PREFILL_ROWS, with and without a token tree: up to 2 x 16 graphs
+        limit = torch._dynamo.config.recompile_limit
+        torch._dynamo.config.recompile_limit = max(limit, 4 * PREFILL_ROWS)
         for layer in self.layers:
             layer.compile(dynamic=True)
 

@@ -18,6 +18,7 @@ from clp.backbones import BUNDLED, Backbone, cached_dir, packaged_gguf
 from clp.cpu.model import Decoder, DecoderConfig, Layer
 from clp.cpu.weights import (
     FORMATS,
+    PREFILL_ROWS,
     Int4Linear,
     Int8Linear,
     Source,
@@ -27,6 +28,7 @@ from clp.cpu.weights import (
     quantize_int4,
 )
 from clp.errors import ClpError
+from clp.runtime import tree_keys, tree_rows
 
 FAMILIES = ("llama", "qwen2")
 DEFAULT_CONTEXT = 8192  # rows of the static KV cache unless the model's context is shorter
@@ -209,6 +211,7 @@ class CpuRuntime:
         if (self.hidden_size, self.vocab_size) != (backbone.hidden_size, backbone.vocab_size):
             raise ClpError(f"the GGUF of '{backbone.name}' does not match its converted copy")
         self._length = 0
+        self._fed = 0  # tokens of the latest feed
         self._hidden: torch.Tensor | None = None
 
     def reset(self) -> None:
@@ -228,15 +231,22 @@ class CpuRuntime:
         else:
             heads.draft_head = Int8Linear(heads.lm_head, None, dtype, prefill=False)
 
-    def feed(self, tokens: list[int]) -> torch.Tensor:
+    def feed(self, tokens: list[int], parents: list[int] | None = None) -> torch.Tensor:
         if self._length + len(tokens) > self.context:
             raise ClpError(
                 f"the sequence would reach {self._length + len(tokens)} tokens; the cpu "
                 f"runtime's static cache holds {self.context} (set a larger --context)"
             )
         ids = torch.tensor(tokens, dtype=torch.long)
-        self._hidden = self.decoder(ids, self._length)
+        tree = None
+        if parents is not None:
+            if len(tokens) > PREFILL_ROWS:  # wider forwards take the prefill kernels
+                raise ClpError(f"a token tree holds at most {PREFILL_ROWS} rows on the cpu runtime")
+            depths, _ = tree_rows(parents)
+            tree = (torch.tensor(depths) + self._length, tree_keys(self._length, parents))
+        self._hidden = self.decoder(ids, self._length, tree)
         self._length += len(tokens)
+        self._fed = len(tokens)
         return self._hidden
 
     def logits(self, last: int = 1) -> torch.Tensor:
@@ -244,6 +254,12 @@ class CpuRuntime:
 
     def drop_last(self, n: int) -> None:
         self._length -= max(n, 0)
+
+    def keep(self, rows: list[int]) -> None:
+        start = self._length - self._fed
+        if rows != list(range(len(rows))):  # else a prefix: nothing moves
+            self.decoder.keep(start, torch.tensor(rows))
+        self._length = start + len(rows)
 
     @property
     def length(self) -> int:
