@@ -151,16 +151,7 @@ def test_bench_smoke_runs_everything_with_consistent_numbers(tmp_path):
         assert all(0 <= v <= 1 for v in s["acceptance_by_offset"].values())
     assert r["modes"]["mtp"]["tokens_per_forward"] == 3.0
     assert r["runtime"] == "cpu" and r["machine"]["peak_rss_mb"] > 100
-    for name in ("verify", "verify@k=1", "verify@tau=0.5", "lookup"):  # lossless on any runtime
+    # lossless on any runtime; the transformers baselines (hf-generate, prompt-lookup) run the
+    # dense checkpoint, not the cpu runtime's q4 weights, so they are not compared with its ar
+    for name in ("verify", "verify@k=1", "verify@tau=0.5", "lookup"):
         assert r["modes"][name]["agreement_with_ar"]["identical"] == 1.0, name
-    if r["dtype"] == "float32":  # lossless paths equal ar exactly in fp32
-        lossless = (
-            "verify",
-            "verify@k=1",
-            "verify@tau=0.5",
-            "lookup",
-            "hf-generate",
-            "prompt-lookup",
-        )
-        for name in lossless:
-            assert r["modes"][name]["agreement_with_ar"]["identical"] == 1.0, name
