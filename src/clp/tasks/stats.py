@@ -34,6 +34,7 @@ def choose_tau(result: dict, points: float = 0.02) -> dict:
     if "tune" not in halves or "report" not in halves:
         return {}
     choices = {}
+    rule = f"within {points * 100:g} points of ar"
     for mode in UNVERIFIED_WITH_TAU:
         names = [n for n, s in result["modes"].items() if s["variant"]["mode"] == mode]
         if not names:
@@ -42,13 +43,13 @@ def choose_tau(result: dict, points: float = 0.02) -> dict:
         ok = [n for n in names if (tune[n]["task_accuracy_delta"] or 0.0) >= -points - 1e-9]
         best = max(ok, key=lambda n: tune[n]["tokens_per_second"], default=None)
         if best is None or tune[best]["speedup"] < 1.0:  # no tau pays: accept nothing
-            choices[mode] = {"tau": None, "variant": None, "rule": f"within {points:.0%} of ar"}
+            choices[mode] = {"tau": None, "variant": None, "rule": rule}
             continue
         report = halves["report"][best]
         choices[mode] = {
             "tau": result["modes"][best]["variant"]["tau"],
             "variant": best,
-            "rule": f"within {points:.0%} of ar",
+            "rule": rule,
             "tune": {k: tune[best][k] for k in ("task_accuracy_delta", "speedup")},
             "report": {k: report[k] for k in ("task_accuracy_delta", "task_accuracy_delta_se",
                                               "speedup")},
