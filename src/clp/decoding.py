@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 import torch
 
 from clp.errors import ClpError
-from clp.runtime import Runtime
+from clp.runtime import Runtime, tree_rows
 
 
 @dataclass
@@ -100,8 +100,7 @@ class Tree:
     def __post_init__(self) -> None:
         if len(self.tokens) != len(self.parents):
             raise ValueError("a tree needs one parent per token")
-        if any(not -1 <= p < i for i, p in enumerate(self.parents)):
-            raise ValueError("each node's parent must come before it (or be -1)")
+        tree_rows(self.parents)  # each node's parent comes before it (or is -1)
 
     @classmethod
     def chain(cls, tokens: list[int]) -> Tree:
@@ -123,10 +122,7 @@ class Tree:
 
     def depths(self) -> list[int]:
         """Depth of each node: 1 for a child of the backbone's token."""
-        out: list[int] = []
-        for p in self.parents:
-            out.append(1 if p == -1 else out[p] + 1)
-        return out
+        return [d + 1 for d in tree_rows(self.parents)[0]]
 
 
 @dataclass

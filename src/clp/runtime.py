@@ -129,7 +129,7 @@ def _row_by_row_sdpa(module, query, key, value, attention_mask, **kwargs):
     rows = [
         torch.nn.functional.scaled_dot_product_attention(
             query[:, :, i].reshape(b, kv_heads, group, dim),
-            *_row_keys(key, value, kv_len - q_len + i + 1, keys[i]),
+            *row_keys(key, value, kv_len - q_len + i + 1, keys[i]),
             scale=kwargs.get("scaling"),
         ).reshape(b, 1, heads, dim)
         for i in range(q_len)
@@ -137,11 +137,12 @@ def _row_by_row_sdpa(module, query, key, value, attention_mask, **kwargs):
     return torch.cat(rows, dim=1), None
 
 
-def _row_keys(key, value, end: int, index: torch.Tensor | None):
-    """One row's keys and values: the causal prefix up to ``end``, or a tree row's own."""
+def row_keys(key, value, end: int, index: torch.Tensor | None, dim: int = 2):
+    """One row's keys and values along sequence axis ``dim``: the causal prefix up to
+    ``end``, or a tree row's own (``tree_keys``)."""
     if index is None:
-        return key[:, :, :end], value[:, :, :end]
-    return key.index_select(2, index), value.index_select(2, index)
+        return key.narrow(dim, 0, end), value.narrow(dim, 0, end)
+    return key.index_select(dim, index), value.index_select(dim, index)
 
 
 def _padded(attention_mask: torch.Tensor | None) -> bool:

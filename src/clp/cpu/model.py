@@ -18,6 +18,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from clp.cpu.weights import PREFILL_ROWS
+from clp.runtime import row_keys
 
 
 @dataclass(frozen=True)
@@ -79,7 +80,7 @@ def attend(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, start:
         rows = [
             F.scaled_dot_product_attention(
                 q[i].view(1, kv, heads // kv, dim),
-                *_row_keys(k_cache, v_cache, start + i + 1, keys[i]),
+                *(kv[None] for kv in row_keys(k_cache, v_cache, start + i + 1, keys[i], 1)),
             ).reshape(1, heads * dim)
             for i in range(t)
         ]
@@ -96,13 +97,6 @@ def attend(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, start:
         enable_gqa=True,
     )
     return out[0].transpose(0, 1).reshape(t, heads * dim)
-
-
-def _row_keys(k_cache, v_cache, end: int, index: torch.Tensor | None):
-    """One row's keys and values [1, KV, n, dim]: the prefix up to ``end``, or a tree row's."""
-    if index is None:
-        return k_cache[None, :, :end], v_cache[None, :, :end]
-    return k_cache.index_select(1, index)[None], v_cache.index_select(1, index)[None]
 
 
 def _no_duck_shapes(tree: bool):
