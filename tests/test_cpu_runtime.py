@@ -74,6 +74,25 @@ def test_a_token_gets_the_same_bits_in_a_one_and_a_several_token_forward(runtime
     assert torch.equal(together[1], torch.cat([lg for _, lg in alone]))
 
 
+@pytest.mark.parametrize("fmt", ["q4", "q8"])
+def test_a_prompt_read_a_few_rows_at_a_time_gets_the_bits_of_one_at_a_time(runtimes, fmt):
+    """Where bf16 matmuls are emulated a prompt runs on the decode kernels in chunks: each
+    row then gets the bits it gets fed alone (and the cache what decoding would write)."""
+    runtime = runtimes[1][fmt]
+    prompt = list(range(3, 40))
+    default, runtime.prompt_chunk = runtime.prompt_chunk, 4
+    try:
+        runtime.reset()
+        chunked = runtime.feed(prompt).clone(), runtime.logits(len(prompt))
+        runtime.reset()
+        alone = [(runtime.feed([t]).clone(), runtime.logits(1)) for t in prompt]
+    finally:
+        runtime.prompt_chunk = default
+    assert torch.equal(chunked[0], torch.cat([h for h, _ in alone]))
+    assert torch.equal(chunked[1], torch.cat([lg for _, lg in alone]))
+    assert runtime.length == len(prompt)
+
+
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_verify_equals_greedy_in_every_weight_format(runtimes, fmt):
     backbone, runtime = runtimes[0], runtimes[1][fmt]

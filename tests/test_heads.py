@@ -198,3 +198,13 @@ def test_bad_head_configs(plain, cache):
         new_heads(HeadConfig(arch="chain", k=5), plain, cache, draft_vocab=0)
     with pytest.raises(ClpError, match="unknown head architecture"):
         new_heads(HeadConfig(arch="eagle9", k=2), plain, cache, draft_vocab=0)
+
+
+def test_heldout_rank_accuracy_adds_up_to_top1_and_top3(plain, cache):
+    torch.manual_seed(0)
+    heads = new_heads(HeadConfig(arch="chain", k=2), plain, cache, draft_vocab=40)
+    report = evaluate_heads(heads, cache)
+    for offset, ranks in report["ranks"].items():
+        assert len(ranks) == 8 and sum(ranks) <= 1.0 + 1e-6
+        assert ranks[0] == report["top1"][offset]
+        assert abs(sum(ranks[:3]) - report["top3"][offset]) < 2e-4  # each share rounded

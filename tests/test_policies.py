@@ -355,3 +355,37 @@ def test_bad_tree_budgets_fail_clearly(model):
     for mode, nodes in (("clp", 4), ("verify", 16), ("verify", -1)):
         with pytest.raises(ClpError, match="tree_nodes is a number of draft nodes, 0 to 15"):
             model.policy(mode, tree_nodes=nodes)
+
+
+def test_bench_sweeps_draft_trees_and_names_the_fastest(model, artifacts, tmp_path):
+    import json
+
+    from clp import bench
+    from clp.features import FeatureCache
+    from clp.training import evaluate_heads
+
+    heads = model.heads()  # a static tree is shaped by the heads' held-out rank accuracy
+    heldout = FeatureCache(artifacts.parent / "calib").load()
+    heads.config.training["heldout"] = evaluate_heads(heads, heldout)
+    chosen = bench.variants(["verify"], trees=[0, 3, 6], tree_shapes=["dynamic", "static"])
+    assert [v.name for v in chosen] == [
+        "ar", "verify", "verify@tree=3", "verify@tree=6", "verify@static-tree=3",
+        "verify@static-tree=6",
+    ]  # fmt: skip
+    docs = [Document(f"t{i}", p) for i, p in enumerate(PROMPTS[:3])]
+    result = bench.run(model, chosen, docs, max_new_tokens=16, out=tmp_path, progress=False)
+    modes = result["modes"]
+    for v in chosen:
+        s = modes[v.name]
+        assert s["agreement_with_ar"]["identical"] == 1.0, v.name
+        assert s["ms_per_forward"] == pytest.approx(
+            1000 * s["seconds"] / s["forward_passes"], rel=1e-2
+        )
+    choice = result["tree_choice"]
+    fastest = max(chosen[1:], key=lambda v: modes[v.name]["tokens_per_second"])
+    assert choice["name"] == fastest.name
+    assert choice["tree_nodes"] == (fastest.tree_nodes or 0)
+    assert "Fastest draft tree here" in bench.markdown(result)
+    # run.json records the tree fields only where set: runs without trees resume as before
+    saved = json.loads((tmp_path / "run.json").read_text())["variants"]
+    assert "tree_nodes" not in saved[1] and saved[2]["tree_nodes"] == 3

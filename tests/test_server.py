@@ -593,3 +593,18 @@ def test_smollm2_load_32_concurrent_streams(smol):
     assert rss_after - rss_before < 64 * 2**20, figures
     assert s.metric("clp_queue_length") == 0
     assert s.metric("clp_generations_total", stop_reason="cancelled") == 0
+
+
+def test_a_server_drafting_trees_still_answers_greedy_text(tiny_model):
+    prompt = "The quick brown fox"
+    ref = tiny_model.generate(prompt, max_new_tokens=30)
+    with serving(tiny_model, model_name="tiny", tree_nodes=6) as s:
+        text, _ = chat(s, prompt, max_tokens=30)
+    assert text == ref.text
+
+
+def test_a_static_tree_the_heads_cannot_shape_fails_at_start(tiny_model):
+    from clp.errors import ClpError
+
+    with pytest.raises(ClpError, match="rank accuracy"):
+        create_app(tiny_model, ServerConfig(tree_nodes=4, tree="static"))

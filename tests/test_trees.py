@@ -222,3 +222,48 @@ def test_the_llama_cpp_runtime_says_it_takes_no_trees():
 
     with pytest.raises(ClpError, match="cannot verify token trees"):
         LlamaCppRuntime.feed(None, [1, 2], [-1, 0])
+
+
+def test_a_static_tree_takes_the_paths_of_highest_heldout_acceptance():
+    from clp.heads import static_shape
+
+    # paths (0) .6, (0,0) .3, (1) .25, (0,1) .18, (1,0) .125, ...: breadth-first
+    ranks, parents = static_shape([[0.6, 0.25, 0.1], [0.5, 0.3]], 4)
+    assert (ranks, parents) == ([0, 1, 0, 1], [-1, -1, 0, 0])
+    assert static_shape([[0.6, 0.25, 0.1], [0.5, 0.3]], 1) == ([0], [-1])
+
+
+def test_static_tree_nodes_are_the_heads_ranked_proposals(tiny):
+    """Node (r1, r2) holds head 1's r1-th likeliest token and head 2's r2-th likeliest after
+    it (the chain head fed that token), as teacher-forced heads give them."""
+    from clp.heads import HeadConfig, MTPHeads, frozen_weights
+
+    torch.manual_seed(0)
+    cfg = HeadConfig(arch="chain", k=2, hidden_size=tiny.hidden_size, vocab_size=tiny.vocab_size)
+    heads = MTPHeads(cfg, *frozen_weights(tiny, torch.float32)).eval()
+    for step in heads.steps:  # random, not zero-initialised: every rank differs
+        for p in step.parameters():
+            torch.nn.init.normal_(p, std=0.2)
+    hidden, token = torch.randn(tiny.hidden_size), 7
+    shape = ([0, 2, 1, 0, 3], [-1, -1, 0, 1, 1])
+    tokens, parents = heads.static_tree(hidden, token, shape)
+    assert parents == shape[1]
+    first = heads(hidden[None], torch.tensor([[token, 0]]))[0][0].topk(4).indices
+    assert tokens[:2] == [int(first[0]), int(first[2])]
+    for node in (2, 3, 4):
+        above = tokens[parents[node]]
+        second = heads(hidden[None], torch.tensor([[token, above]]))[1][0].topk(4).indices
+        assert tokens[node] == int(second[shape[0][node]])
+    # the predictor's length: nodes deeper than n are left out
+    assert heads.static_tree(hidden, token, shape, n=1) == (tokens[:2], [-1, -1])
+
+
+def test_static_trees_need_the_heads_rank_accuracy(tiny):
+    from clp.heads import HeadConfig, MTPHeads, frozen_weights
+
+    cfg = HeadConfig(arch="chain", k=2, hidden_size=tiny.hidden_size, vocab_size=tiny.vocab_size)
+    heads = MTPHeads(cfg, *frozen_weights(tiny, torch.float32))
+    with pytest.raises(ClpError, match="clp train evaluate"):
+        heads.static_shape(4)
+    heads.config.training = {"heldout": {"ranks": {"n+2": [0.5, 0.2], "n+3": [0.4, 0.1]}}}
+    assert heads.static_shape(3) == ([0, 1, 0], [-1, -1, 0])

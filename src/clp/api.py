@@ -143,13 +143,16 @@ class Model:
         k: int | None = None,
         lookup: int | None = None,
         tree_nodes: int = 0,
+        tree: str = "dynamic",
     ) -> Policy:
         """The decoding policy of ``mode``; ``k`` runs only the first k heads (mtp and verify:
         the predictors and the gate are trained for the heads' own k). ``lookup`` (verify
         only, default 4): when the last two tokens occurred before, the drafts are the
         ``lookup`` tokens that followed them, not the heads'; 0: always the heads'.
         ``tree_nodes`` (verify only, 0 to MAX_TREE_NODES): draft a tree of that many nodes,
-        the heads' likeliest branches and the lookup span, checked in one forward."""
+        the heads' likeliest branches and the lookup span, checked in one forward; ``tree``
+        "dynamic" (grown per step from the heads' probabilities) or "static" (one shape
+        chosen from the heads' held-out rank accuracy)."""
         if mode not in MODES:
             raise ClpError(f"unknown mode '{mode}'; available: {', '.join(MODES)}")
         check_tree_nodes(tree_nodes, mode, self.runtime_name)
@@ -181,7 +184,7 @@ class Model:
             predictor = self.predictor("clp") if tau is not None else None
             if lookup is None:  # a runtime may cap drafts where wider forwards cost more
                 lookup = min(DEFAULT_LOOKUP, getattr(self.runtime, "max_drafts", DEFAULT_LOOKUP))
-            return policies.Verified(heads, predictor, tau or 0.0, lookup, tree_nodes)
+            return policies.Verified(heads, predictor, tau or 0.0, lookup, tree_nodes, tree)
         cls = policies.PredictedLength if mode == "clp" else policies.PredictedLengthPlus
         return cls(heads, self.predictor(mode), DEFAULT_TAU if tau is None else tau)
 
@@ -193,6 +196,7 @@ class Model:
         k: int | None = None,
         lookup: int | None = None,
         tree_nodes: int = 0,
+        tree: str = "dynamic",
         max_new_tokens: int = 128,
         temperature: float = 0.0,
         top_k: int = 0,
@@ -203,7 +207,7 @@ class Model:
         on_text: Callable[[str], None] | None = None,
     ) -> Result:
         """Decode a text prompt (chat-formatted unless ``raw``) or a list of token ids."""
-        policy = self.policy(mode, tau, k, lookup, tree_nodes)
+        policy = self.policy(mode, tau, k, lookup, tree_nodes, tree)
         ids = prompt if isinstance(prompt, list) else encode_prompt(self.tokenizer, prompt, raw)
         return generate(
             self.runtime,

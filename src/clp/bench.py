@@ -1,5 +1,5 @@
 """Benchmark runs: every mode on the same prompts in one process, interleaved prompt by prompt
-after a warm-up, so speedups are ratios of numbers measured side by side (SPEC section 3).
+after a warm-up, so speedups are ratios of numbers measured side by side (docs/design.md, Metrics).
 
 A run writes one line per prompt to ``DIR/runs.jsonl`` as it goes: an interrupted run resumes
 where it stopped (same settings), and creating ``DIR/PAUSE`` pauses it between prompts, so the
@@ -52,6 +52,14 @@ class Variant:
     tau: float | None = None
     k: int | None = None  # heads truncated to their first k (None: all of them)
     lookup: int | None = None  # verify's lookup drafts (None: the default)
+    tree_nodes: int | None = None  # verify's draft tree (None: a chain)
+    tree: str | None = None  # its shape: dynamic or static
+
+    def settings(self) -> dict:
+        """As run.json records it (the tree fields only when set: a run without trees
+        resumes from a folder written without them)."""
+        d = asdict(self)
+        return {k: v for k, v in d.items() if v is not None or k not in ("tree_nodes", "tree")}
 
 
 def variants(
@@ -61,11 +69,14 @@ def variants(
     ks=(),
     heads_k: int | None = None,
     lookups=(),
+    trees=(),
+    tree_shapes=("dynamic",),
 ) -> list[Variant]:
     """``ar`` first, then each mode at the main tau; then the tau sweep of ``clp`` / ``clp+``
     (and of ``verify``, where the clp predictor decides how many drafts to send), the k
-    sweep of ``mtp`` / ``verify`` (heads truncated) and the sweep of ``verify``'s lookup
-    drafts, each under its own name."""
+    sweep of ``mtp`` / ``verify`` (heads truncated), the sweep of ``verify``'s lookup
+    drafts and of its draft tree's node budget (0: the chain, plain ``verify``) per tree
+    shape, each under its own name."""
     bad = [m for m in modes if m not in MODES and m not in BASELINES]
     if bad:
         raise ClpError(
@@ -83,11 +94,19 @@ def variants(
             out += [Variant(f"{m}@k={k}", m, k=k) for m in ("mtp", "verify") if m in modes]
     if "verify" in modes:
         out += [Variant(f"verify@lookup={n}", "verify", lookup=n) for n in lookups]
+        for shape in tree_shapes:
+            label = "tree" if shape == "dynamic" else f"{shape}-tree"
+            out += [
+                Variant(f"verify@{label}={n}", "verify", tree_nodes=n, tree=shape)
+                for n in trees
+                if n
+            ]
     seen: set = set()
     unique = []
     for v in out:
-        if (v.mode, v.tau, v.k, v.lookup) not in seen:
-            seen.add((v.mode, v.tau, v.k, v.lookup))
+        key = (v.mode, v.tau, v.k, v.lookup, v.tree_nodes, v.tree)
+        if key not in seen:
+            seen.add(key)
             unique.append(v)
     return unique
 
@@ -175,6 +194,8 @@ def run_one(
         tau=v.tau,
         k=k,
         lookup=v.lookup,
+        tree_nodes=v.tree_nodes or 0,
+        tree=v.tree or "dynamic",
         max_new_tokens=max_new_tokens,
         stop=list(stop),
     )
@@ -252,7 +273,7 @@ def run(
         raise ClpError("the first variant must be ar: every speedup is against it")
     for v in chosen:  # fail early on missing or mismatched artifacts, before any timing
         if v.mode not in BASELINES:
-            model.policy(v.mode, v.tau, v.k, v.lookup)
+            model.policy(v.mode, v.tau, v.k, v.lookup, v.tree_nodes or 0, v.tree or "dynamic")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     b = model.backbone
@@ -268,7 +289,7 @@ def run(
         "rounds": rounds,
         "lookup_tokens": lookup_tokens,
         "nll": nll,
-        "variants": [asdict(v) for v in chosen],
+        "variants": [v.settings() for v in chosen],
     }
     graded = [task_for(d.id) for d in prompts]  # task suites: scored in the sandbox, untimed
     stops = [t.stop if t else () for t in graded]
@@ -359,7 +380,8 @@ _HEADER = ("model", "dtype", "runtime", "weights", "heads", "n", "max_new_tokens
 
 
 def summarise(settings: dict, records: dict, prompts: list[Document]) -> dict:
-    """results.json: per variant (overall and per prompt category) every SPEC-3 measure."""
+    """results.json: per variant (overall and per prompt category) every measure defined in
+    docs/design.md (Metrics)."""
     names = [v["name"] for v in settings["variants"]]
     per: dict[str, list[dict]] = defaultdict(list)
     for (r, i), rec in sorted(records.items()):
@@ -385,7 +407,9 @@ def summarise(settings: dict, records: dict, prompts: list[Document]) -> dict:
 
     modes = block(None)
     for v in settings["variants"]:
-        modes[v["name"]]["variant"] = {"mode": v["mode"], "tau": v["tau"], "k": v["k"]}
+        modes[v["name"]]["variant"] = {
+            key: v.get(key) for key in ("mode", "tau", "k", "tree_nodes", "tree")
+        }
     categories = sorted({d.category for d in prompts})
     by_category = {}
     if len(categories) > 1:
@@ -412,7 +436,7 @@ def summarise(settings: dict, records: dict, prompts: list[Document]) -> dict:
             "threads": torch.get_num_threads(),
             "python": platform.python_version(),
             "torch": torch.__version__,
-            # the running process's peak; a --report of an older run has none
+            # the running process's peak; a --report of records without it has none
             "peak_rss_mb": max((x.get("peak_rss_mb") or 0 for x in records.values()), default=0)
             or None,
         },
@@ -422,7 +446,32 @@ def summarise(settings: dict, records: dict, prompts: list[Document]) -> dict:
     }
     # task suites: the tau the unverified modes may default to (chosen on the tune half)
     result["tau_choice"] = choose_tau(result)
+    if any(v.get("tree_nodes") for v in settings["variants"]):
+        result["tree_choice"] = choose_tree(settings["variants"], modes)
     return result
+
+
+def choose_tree(variants: list[dict], modes: dict) -> dict:
+    """The fastest of ``verify``'s draft trees, the chain (plain ``verify``, budget 0)
+    among them: the budget a runtime on this machine should default to."""
+    trees = [
+        v
+        for v in variants
+        if v["mode"] == "verify" and all(v.get(key) is None for key in ("tau", "k", "lookup"))
+    ]
+    best = max(trees, key=lambda v: modes[v["name"]]["tokens_per_second"])
+    chain = modes.get("verify")
+    s = modes[best["name"]]
+    return {
+        "name": best["name"],
+        "tree_nodes": best.get("tree_nodes") or 0,
+        "tree": best.get("tree"),
+        "tokens_per_second": s["tokens_per_second"],
+        "tokens_per_forward": s["tokens_per_forward"],
+        "vs_chain": round(s["tokens_per_second"] / chain["tokens_per_second"], 4)
+        if chain and chain["tokens_per_second"]
+        else None,
+    }
 
 
 TASK_KEYS = ("task_accuracy", "task_accuracy_delta", "task_accuracy_delta_se")
@@ -466,6 +515,7 @@ def _summarise(rs: list[dict], ar: dict[int, list[int]]) -> dict:
     return {
         "tokens_per_second": round(tokens / seconds, 3) if seconds else 0.0,
         "tokens_per_forward": round(tokens / forwards, 4) if forwards else 0.0,
+        "ms_per_forward": round(1000 * seconds / forwards, 2) if forwards else 0.0,
         "new_tokens": tokens,
         "forward_passes": forwards,
         "seconds": round(seconds, 3),
@@ -527,10 +577,11 @@ def markdown(result: dict) -> str:
         f"{result['machine'].get('peak_rss_mb', '?')} MB\n\n"
     )
     rows = [
-        "| mode | tok/s | speedup | vs llama.cpp | tokens/forward | acceptance by offset "
+        "| mode | tok/s | speedup | vs llama.cpp | tokens/forward | ms/forward "
+        "| acceptance by offset "
         "| seq-rep-4 (delta ± s.e.) | distinct-2 | identical to ar | common prefix | NLL "
         "| policy time |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for mode, s in result["modes"].items():
         acc = ", ".join(f"{j}: {v:.2f}" for j, v in s["acceptance_by_offset"].items()) or "-"
@@ -540,11 +591,19 @@ def markdown(result: dict) -> str:
         vs = f"{s['vs_llama_cpp']:.3f}x" if "vs_llama_cpp" in s else "-"
         rows.append(
             f"| {mode} | {s['tokens_per_second']:.2f} | {s['speedup']:.3f}x | {vs} | "
-            f"{s['tokens_per_forward']:.3f} | {acc} | {s['repetition_ratio']:.4f} "
+            f"{s['tokens_per_forward']:.3f} | {s.get('ms_per_forward', 0):.1f} | {acc} | "
+            f"{s['repetition_ratio']:.4f} "
             f"({s['repetition_delta']:+.4f} ± {s['repetition_delta_se']:.4f}) | "
             f"{s['distinct_2']:.3f} | "
             f"{s['agreement_with_ar']['identical']:.2f} | "
             f"{s['agreement_with_ar']['common_prefix']:.2f} | {nll} | {policy} |"
+        )
+    tree = result.get("tree_choice")
+    if tree:
+        rows.append(
+            f"\nFastest draft tree here: {tree['name']} ({tree['tree_nodes']} nodes; 0 is the "
+            f"chain), {tree['tokens_per_forward']:.3f} tokens/forward, "
+            + (f"{tree['vs_chain']:.3f}x the chain." if tree["vs_chain"] else "")
         )
     return head + "\n".join(rows) + "\n" + _task_table(result)
 

@@ -59,6 +59,23 @@ HEADS = click.option(
     "--heads", default=None, help="Trained heads folder (default: committed artifacts)."
 )
 
+TREE_NODES = click.option(
+    "--tree-nodes",
+    default=0,
+    show_default=True,
+    type=int,
+    help="verify: draft a tree of N nodes (up to 15) checked in one forward, the heads' "
+    "likeliest branches plus the lookup span; 0: one chain.",
+)
+TREE = click.option(
+    "--tree",
+    type=click.Choice(["dynamic", "static"]),
+    default="dynamic",
+    show_default=True,
+    help="verify with --tree-nodes: grow the tree each step from the heads' probabilities, "
+    "or use one static shape chosen from their held-out rank accuracy.",
+)
+
 
 @click.group(cls=_Group)
 @click.version_option(package_name="clp-mtp")
@@ -105,14 +122,8 @@ UNVERIFIED = ("mtp", "gate", "clp", "clp+", "competing")
     help="verify: when the last two tokens occurred before, draft the N tokens that followed "
     "them instead of the heads' proposals (default 4; 0: always the heads').",
 )
-@click.option(
-    "--tree-nodes",
-    default=0,
-    show_default=True,
-    type=int,
-    help="verify: draft a tree of N nodes (up to 15) checked in one forward, the heads' "
-    "likeliest branches plus the lookup span; 0: one chain.",
-)
+@TREE_NODES
+@TREE
 @HEADS
 @click.option("--max-new-tokens", "-n", default=128, show_default=True, type=int)
 @click.option(
@@ -134,6 +145,7 @@ def generate(
     tau,
     lookup,
     tree_nodes,
+    tree,
     heads,
     max_new_tokens,
     temperature,
@@ -172,6 +184,7 @@ def generate(
         tau=tau,
         lookup=lookup,
         tree_nodes=tree_nodes,
+        tree=tree,
         max_new_tokens=max_new_tokens,
         temperature=temperature,
         top_k=top_k,
@@ -298,6 +311,18 @@ def _numbers(text: str, kind: type) -> list:
     "heads'; default 4).",
 )
 @click.option(
+    "--trees",
+    default="",
+    help="Sweep of verify's draft tree, in nodes, e.g. 0,4,8,15 (0: the chain, plain verify): "
+    "tokens per forward, ms per forward and speed per budget, and the fastest here.",
+)
+@click.option(
+    "--tree-shapes",
+    default="dynamic",
+    show_default=True,
+    help="Tree shapes the --trees sweep runs: dynamic, static or both (dynamic,static).",
+)
+@click.option(
     "--lookup-tokens",
     default=3,
     show_default=True,
@@ -328,6 +353,7 @@ def bench(**o) -> None:
     """Speed and quality of each mode side by side, in one process, interleaved."""
     from clp import bench as bench_mod
     from clp.api import load
+    from clp.heads import TREE_SHAPES
 
     if o.pop("smoke"):
         o.update(SMOKE)
@@ -336,8 +362,19 @@ def bench(**o) -> None:
     modes = [m for m in o["modes"].split(",") if m]
     ks = _numbers(o["ks"], int)
     heads_k = model.heads().config.k if ks else None
+    shapes = [x for x in o["tree_shapes"].split(",") if x]
+    bad = [x for x in shapes if x not in TREE_SHAPES]
+    if bad:
+        raise ClpError(f"unknown tree shape(s) {', '.join(bad)}; use {', '.join(TREE_SHAPES)}")
     chosen = bench_mod.variants(
-        modes, o["tau"], _numbers(o["taus"], float), ks, heads_k, _numbers(o["lookups"], int)
+        modes,
+        o["tau"],
+        _numbers(o["taus"], float),
+        ks,
+        heads_k,
+        _numbers(o["lookups"], int),
+        _numbers(o["trees"], int),
+        shapes,
     )
     docs = bench_mod.load_prompts(o["prompts"], o["n"], o["every"], o["skip"])
     result = bench_mod.run(
@@ -458,6 +495,8 @@ def demo(model, dtype, runtime, weights, max_new_tokens) -> None:
     type=int,
     help="Requests that may wait for the backbone; more are refused with 429.",
 )
+@TREE_NODES
+@TREE
 @click.option(
     "--default-max-tokens",
     default=512,
@@ -466,7 +505,19 @@ def demo(model, dtype, runtime, weights, max_new_tokens) -> None:
     help="New tokens of a request that sets no max_tokens (capped by the context).",
 )
 def serve(
-    model, dtype, runtime, weights, heads, mode, host, port, api_key, max_queue, default_max_tokens
+    model,
+    dtype,
+    runtime,
+    weights,
+    heads,
+    mode,
+    host,
+    port,
+    api_key,
+    max_queue,
+    tree_nodes,
+    tree,
+    default_max_tokens,
 ) -> None:
     """An OpenAI-compatible HTTP server (/v1/chat/completions, /v1/completions, /v1/models,
     /health, /metrics) decoding with MODE; see docs/server.md."""
@@ -480,6 +531,8 @@ def serve(
         api_key=api_key,
         max_queue=max_queue,
         default_max_tokens=default_max_tokens,
+        tree_nodes=tree_nodes,
+        tree=tree,
     )
     config.validate()  # before the minutes a load may take
     _quiet_transformers()
@@ -596,6 +649,27 @@ def train_heads_cmd(data, **options) -> None:
     _quiet_transformers()
     report = train_heads_pipeline(
         sources=[s for s in data.split(",") if s], **options, log=lambda m: click.echo(m, err=True)
+    )
+    click.echo(json.dumps(report, indent=1))
+
+
+@train.command("evaluate")
+@click.argument("heads_dir")
+@click.option(
+    "--max-new-tokens",
+    default=None,
+    type=int,
+    help="Length cap of the held-out split's self-distilled answers, if the heads do not "
+    "record it (rebuilding a lost cache).",
+)
+def train_evaluate_cmd(heads_dir, max_new_tokens) -> None:
+    """Evaluate saved heads on their held-out split again and record the report (rank
+    accuracy included) in their config.json."""
+    from clp.pipeline import evaluate_heads_pipeline
+
+    _quiet_transformers()
+    report = evaluate_heads_pipeline(
+        heads_dir, max_new_tokens, log=lambda m: click.echo(m, err=True)
     )
     click.echo(json.dumps(report, indent=1))
 

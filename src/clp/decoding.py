@@ -1,4 +1,4 @@
-"""The one decode loop. Every mode of SPEC section 2 is a policy plugged into it.
+"""The one decode loop. Every mode (docs/design.md, Policies) is a policy plugged into it.
 
 Each step feeds the runtime ``[token the backbone chose] + drafts``. A policy that does not
 verify has already committed its drafts (they are part of the text); a verifying policy's

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import os
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -27,6 +28,8 @@ from torch.nn import functional as F
 from clp.errors import ClpError
 
 ARCHS = ("medusa", "chain", "competing")
+TREE_SHAPES = ("dynamic", "static")  # verify's draft trees: see MTPHeads.tree / static_tree
+TREE_RANKS = 8  # proposals per head whose held-out accuracy is recorded (static trees' input)
 
 
 @dataclass
@@ -247,6 +250,75 @@ class MTPHeads(nn.Module):
             score, parent_of = top.values.flatten()[best], first + best
         return _best_nodes(found, nodes)
 
+    @torch.inference_mode()
+    def static_tree(
+        self,
+        hidden: torch.Tensor,
+        token: int,
+        shape: tuple[list[int], list[int]],
+        n: int | None = None,
+    ) -> tuple[list[int], list[int]]:
+        """Drafts along a static tree ``shape`` (ranks, parents) from ``static_shape``: node i
+        is the ranks[i]-th likeliest proposal of the head at its depth, each chain head fed
+        its parent's token (one batched call per depth); nodes deeper than ``n`` left out.
+        Returns (tokens, parents)."""
+        ranks, parents = shape
+        depths = [1] * len(ranks)
+        for i, p in enumerate(parents):
+            depths[i] = 1 if p < 0 else depths[p] + 1
+        keep = sum(d <= (n if n is not None else len(self.steps)) for d in depths)
+        ranks, parents, depths = ranks[:keep], parents[:keep], depths[:keep]  # breadth-first
+        if not ranks:
+            return [], []
+        dtype = self.lm_head.dtype
+        tokens = [0] * len(ranks)
+        states: dict[int, torch.Tensor] = {-1: hidden[None].to(dtype)}
+        for depth, step in enumerate(self.steps[: max(depths)], 1):
+            level = [i for i, d in enumerate(depths) if d == depth]
+            above = sorted({parents[i] for i in level})
+            state = torch.cat([states[p] for p in above])
+            if self.config.arch == "chain":
+                prev = torch.tensor([token if p < 0 else tokens[p] for p in above])
+                state, normed = step(state, self.embedding[prev].to(dtype))
+            else:
+                normed = step(hidden[None].to(dtype))
+            top = self.draft_logits(normed).topk(max(ranks[i] for i in level) + 1, -1).indices
+            for i in level:
+                row = above.index(parents[i])
+                tokens[i] = int(self.draft_ids[top[min(row, len(top) - 1), ranks[i]]])
+                states[i] = state[min(row, len(state) - 1)][None]
+        return tokens, parents
+
+    def static_shape(self, nodes: int) -> tuple[list[int], list[int]]:
+        """The static tree of ``nodes`` nodes these heads' held-out rank accuracy suggests."""
+        ranks = self.config.training.get("heldout", {}).get("ranks")
+        if not ranks:
+            raise ClpError(
+                "these heads record no held-out rank accuracy (config.json: training.heldout."
+                "ranks), which a static tree is chosen from: run `clp train evaluate` on them, "
+                "or use the dynamic tree"
+            )
+        return static_shape([ranks[key] for key in sorted(ranks)], nodes)
+
+
+def static_shape(rank_accuracy: list[list[float]], nodes: int) -> tuple[list[int], list[int]]:
+    """A static tree chosen as Medusa chooses one: the ``nodes`` paths of head ranks
+    (r1, r2, ...) with the highest expected acceptance, a path's acceptance taken as the
+    product of its heads' held-out accuracies at those ranks (``rank_accuracy[j][r]``: head
+    j+1's r-th likeliest proposal is the backbone's token). Returns (ranks, parents) in
+    breadth-first order, parents as in ``clp.decoding.Tree``."""
+    found: list[tuple[float, int, int, int]] = []
+    frontier = [(0.0, -1)]  # (log acceptance of the path, its node's index in found)
+    for depth, accuracy in enumerate(rank_accuracy, 1):
+        grown = []
+        for score, parent in frontier:
+            for rank, p in enumerate(accuracy):
+                if p > 0:
+                    found.append((score + math.log(p), depth, parent, rank))
+                    grown.append((found[-1][0], len(found) - 1))
+        frontier = grown
+    return _best_nodes(found, nodes)
+
 
 def _best_nodes(found: list[tuple[float, int, int, int]], nodes: int):
     """The ``nodes`` candidates of highest path probability (a parent before its children
@@ -268,7 +340,12 @@ def save_heads(heads: MTPHeads, out: str | Path) -> None:
     tmp = out / "model.safetensors.tmp"
     save_file(state, str(tmp))
     os.replace(tmp, out / "model.safetensors")
-    (out / "config.json.tmp").write_text(json.dumps(asdict(heads.config), indent=1))
+    save_config(heads.config, out)
+
+
+def save_config(config: HeadConfig, out: str | Path) -> None:
+    out = Path(out)
+    (out / "config.json.tmp").write_text(json.dumps(asdict(config), indent=1))
     os.replace(out / "config.json.tmp", out / "config.json")
 
 

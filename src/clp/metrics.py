@@ -1,4 +1,4 @@
-"""The measurements of SPEC section 3, one definition each."""
+"""The measurements (docs/design.md, Metrics), one definition each."""
 
 from __future__ import annotations
 

@@ -156,6 +156,42 @@ def train_heads_pipeline(
     return info
 
 
+def evaluate_heads_pipeline(heads_dir: str, max_new_tokens: int | None = None, log=print) -> dict:
+    """Evaluate saved heads again on their held-out split (rebuilt as recorded if its cache
+    is gone) and record the report in their config.json: for heads trained before a
+    measure existed (e.g. the rank accuracy static trees are chosen from)."""
+    from clp.heads import load_heads, read_config, save_config
+
+    config = read_config(heads_dir)
+    data = config.training.get("data", {})
+    if "sources" not in data or "heldout_docs" not in data:
+        raise ClpError(f"heads at {heads_dir} do not record the data their held-out split is from")
+    max_new_tokens = max_new_tokens or data.get("max_new_tokens") or CacheSpec.max_new_tokens
+    backbone = load_backbone(config.fingerprint["name"], feature_dtype())
+    caches = feature_caches(
+        backbone,
+        data["sources"],
+        "distill",
+        {"heldout": data["heldout_docs"]},
+        max_new_tokens,
+        32,
+        None,
+        log,
+        data.get("distill_runtime", "transformers"),
+    )
+    recorded = data.get("caches", {}).get("heldout")
+    if recorded and Path(recorded).name != caches["heldout"].root.name:
+        log(f"note: the heads recorded held-out cache {recorded}; evaluated on another")
+    heads = load_heads(heads_dir, backbone, torch.float32)
+    report = evaluate_heads(heads, caches["heldout"].load())
+    report["features_dtype"] = str(backbone.dtype).replace("torch.", "")
+    # the first report stays beside the new one (a rebuilt split may differ by a few rows)
+    config.training.setdefault("heldout_when_trained", config.training.get("heldout"))
+    config.training["heldout"] = report
+    save_config(config, heads_dir)
+    return report
+
+
 def _init_summary(init: str | None) -> dict | None:
     """What warm-started heads had already been trained on, so the data is fully recorded."""
     if not init:

@@ -1,4 +1,4 @@
-"""The decoding modes of SPEC section 2, as policies of the one loop in ``clp.decoding``.
+"""The decoding modes (docs/design.md, Policies), as policies of the one loop in ``clp.decoding``.
 
 Every policy but ``competing`` keeps the backbone's own token at n+1; they differ only in
 how many head proposals follow it and whether the backbone checks them.
@@ -9,7 +9,8 @@ from __future__ import annotations
 import torch
 
 from clp.decoding import Policy, Tree
-from clp.heads import MTPHeads
+from clp.errors import ClpError
+from clp.heads import TREE_SHAPES, MTPHeads
 from clp.predictor import Gate, LengthPredictor, accept_length, confidence_features
 
 
@@ -99,7 +100,9 @@ class Verified(Policy):
     that followed them are the drafts instead of the heads': copied spans (names, code,
     quoted text) are where the heads miss and a lookup rarely does (see
     benchmarks/draft_sim.py). With ``tree_nodes`` > 0 the drafts are a tree of that many
-    nodes: the heads' dynamic tree (``MTPHeads.tree``), the lookup span one more branch."""
+    nodes, the lookup span one more branch: the heads' dynamic tree (``MTPHeads.tree``), or
+    with ``tree`` "static" the shape their held-out rank accuracy suggests
+    (``MTPHeads.static_shape``)."""
 
     name = "verify"
     verifies = True
@@ -111,9 +114,15 @@ class Verified(Policy):
         tau: float = 0.0,
         lookup: int = 0,
         tree_nodes: int = 0,
+        tree: str = "dynamic",
     ):
+        if tree not in TREE_SHAPES:
+            raise ClpError(f"unknown tree '{tree}'; choose from {', '.join(TREE_SHAPES)}")
         self.heads, self.lookup, self.tree_nodes = heads, lookup, tree_nodes
         self.length = PredictedLength(heads, predictor, tau).length if predictor else None
+        self.shapes = None
+        if tree == "static" and tree_nodes:  # per budget left beside the lookup span
+            self.shapes = {b: heads.static_shape(b) for b in range(1, tree_nodes + 1)}
 
     def propose(self, hidden, tokens, logits):
         copied = prompt_lookup(tokens, self.lookup, min_ngram=2) if self.lookup else []
@@ -123,7 +132,12 @@ class Verified(Policy):
         if not self.tree_nodes:
             return self.heads.propose(hidden, tokens[-1], n) if n != 0 else []
         budget = self.tree_nodes - len(copied)  # the lookup span is one more branch
-        tree = self.heads.tree(hidden, tokens[-1], budget, n) if n != 0 and budget > 0 else None
+        tree = None
+        if n != 0 and budget > 0:
+            if self.shapes:
+                tree = self.heads.static_tree(hidden, tokens[-1], self.shapes[budget], n)
+            else:
+                tree = self.heads.tree(hidden, tokens[-1], budget, n)
         return Tree(*(tree or ([], []))).with_chain(copied)
 
 

@@ -74,7 +74,7 @@ def tree_keys(start: int, parents: list[int]) -> list[torch.Tensor]:
 
 def _few_rows_linear(self: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
     """nn.Linear for a handful of rows as W @ x^T: on CPUs where MKL's x @ W^T kernel for
-    2-8 rows costs 2-3x one row (measured on AMD Zen 3), this form costs about one row."""
+    2-8 rows costs several times one row, this form costs about one row."""
     rows = x.numel() // x.shape[-1]
     if rows > 16:
         return torch.nn.functional.linear(x, self.weight, self.bias)

@@ -17,7 +17,7 @@ from torch.nn import functional as F
 from tqdm import tqdm
 
 from clp.errors import ClpError
-from clp.heads import HeadConfig, MTPHeads, save_heads
+from clp.heads import TREE_RANKS, HeadConfig, MTPHeads, save_heads
 
 IGNORE = -100
 
@@ -178,14 +178,17 @@ def evaluate_heads(
 ) -> dict:
     """Held-out agreement with the backbone's greedy tokens, per offset.
 
-    top1 / top3: teacher-forced (each head gets the true previous tokens). chained: the heads
-    run on their own proposals, as decoding uses them. prefix: heads 1..j all right, chained —
-    what verification would accept; 1 + sum(prefix) is the tokens per forward it allows.
+    top1 / top3: teacher-forced (each head gets the true previous tokens); ranks: the share
+    at which the token is each head's r-th likeliest, teacher-forced (static trees' input).
+    chained: the heads run on their own proposals, as decoding uses them. prefix: heads 1..j
+    all right, chained — what verification would accept; 1 + sum(prefix) is the tokens per
+    forward it allows.
     """
     rows = Rows(data, heads.config)
     index = rows.index if max_rows is None else rows.index[:max_rows]
     k = heads.config.k
     hits = {m: torch.zeros(k) for m in ("top1", "top3", "chained", "prefix")}
+    rank_hits = torch.zeros(k, TREE_RANKS)
     coverage = 0
     for b in range(0, len(index), batch_size):
         hidden, tokens, targets = rows.batch(index[b : b + batch_size])
@@ -194,9 +197,12 @@ def evaluate_heads(
         chained = heads.chain(hidden, tokens[:, 0])[0]
         all_right = torch.ones(len(targets), dtype=torch.bool)
         for j in range(k):
-            top3 = heads.draft_ids[tf_logits[j].float().topk(3, dim=-1).indices]
-            hits["top1"][j] += (top3[:, 0] == targets[:, j]).sum()
-            hits["top3"][j] += (top3 == targets[:, j, None]).any(-1).sum()
+            ranks = min(TREE_RANKS, tf_logits[j].shape[-1])
+            ranked = heads.draft_ids[tf_logits[j].float().topk(ranks, dim=-1).indices]
+            right_at = ranked == targets[:, j, None]  # [B, ranks]: which rank is the token
+            rank_hits[j, :ranks] += right_at.sum(0)
+            hits["top1"][j] += right_at[:, 0].sum()
+            hits["top3"][j] += right_at[:, :3].any(-1).sum()
             right = chained[:, j] == targets[:, j]
             hits["chained"][j] += right.sum()
             all_right &= right
@@ -207,6 +213,9 @@ def evaluate_heads(
     report = {
         m: {f"n+{o}": round(float(v[j]) / n, 4) for j, o in enumerate(offsets)}
         for m, v in hits.items()
+    }
+    report["ranks"] = {
+        f"n+{o}": [round(float(v) / n, 4) for v in rank_hits[j]] for j, o in enumerate(offsets)
     }
     report["rows"] = int(len(index))
     report["draft_vocab_coverage"] = round(float(coverage) / n, 4)

@@ -43,6 +43,8 @@ class ServerConfig:
     max_queue: int = 64  # requests that may wait; more get 429
     default_max_tokens: int = 512  # for requests that set no max_tokens
     max_body_bytes: int = 4 << 20  # larger request bodies get 413
+    tree_nodes: int = 0  # verify requests draft a tree of this many nodes (0: a chain)
+    tree: str = "dynamic"  # its shape: dynamic or static
 
     def validate(self) -> None:
         if self.mode not in MODES:
@@ -77,6 +79,8 @@ def create_app(model: Model, config: ServerConfig | None = None) -> FastAPI:
     config = config or ServerConfig()
     config.validate()
     on_torch_thread(_load_artifacts, model, config.mode)
+    if config.tree_nodes:  # a tree the runtime or the heads cannot draft fails at start
+        on_torch_thread(model.policy, "verify", None, None, None, config.tree_nodes, config.tree)
     name = config.model_name or model.backbone.name
     metrics = ServerMetrics()
     engine = Engine(model, config.max_queue, metrics)
@@ -233,9 +237,14 @@ class _Routes:
     async def _policy(self, req: GenRequest):
         """A fresh policy for the request's mode, built from the artifacts loaded at start."""
         try:
-            return self.model.policy(req.mode, req.tau)
+            return self._tree_policy(req.mode, req.tau)
         except ClpError as exc:
             raise ApiError(400, str(exc), param="tau" if "tau" in str(exc) else "mode") from exc
+
+    def _tree_policy(self, mode: str, tau: float | None = None):
+        """The policy of ``mode``, verify with the server's draft tree."""
+        trees = {"tree_nodes": self.config.tree_nodes, "tree": self.config.tree}
+        return self.model.policy(mode, tau, **(trees if mode == "verify" else {}))
 
 
 def _load_artifacts(model: Model, default_mode: str) -> None:

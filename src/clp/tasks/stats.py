@@ -1,4 +1,4 @@
-"""Task accuracy of one variant, paired with ``ar`` on the same tasks (SPEC section 3)."""
+"""Task accuracy of one variant, paired with ``ar`` on the same tasks (docs/design.md, Metrics)."""
 
 from __future__ import annotations
 
