@@ -26,6 +26,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from clp.errors import ClpError
+from clp.runtime import tree_rows
 
 ARCHS = ("medusa", "chain", "competing")
 TREE_SHAPES = ("dynamic", "static")  # verify's draft trees: see MTPHeads.tree / static_tree
@@ -263,9 +264,7 @@ class MTPHeads(nn.Module):
         its parent's token (one batched call per depth); nodes deeper than ``n`` left out.
         Returns (tokens, parents)."""
         ranks, parents = shape
-        depths = [1] * len(ranks)
-        for i, p in enumerate(parents):
-            depths[i] = 1 if p < 0 else depths[p] + 1
+        depths = [d + 1 for d in tree_rows(parents)[0]]
         keep = sum(d <= (n if n is not None else len(self.steps)) for d in depths)
         ranks, parents, depths = ranks[:keep], parents[:keep], depths[:keep]  # breadth-first
         if not ranks:

@@ -80,7 +80,7 @@ def create_app(model: Model, config: ServerConfig | None = None) -> FastAPI:
     config.validate()
     on_torch_thread(_load_artifacts, model, config.mode)
     if config.tree_nodes:  # a tree the runtime or the heads cannot draft fails at start
-        on_torch_thread(model.policy, "verify", None, None, None, config.tree_nodes, config.tree)
+        on_torch_thread(policy_for, model, config, "verify")
     name = config.model_name or model.backbone.name
     metrics = ServerMetrics()
     engine = Engine(model, config.max_queue, metrics)
@@ -237,14 +237,15 @@ class _Routes:
     async def _policy(self, req: GenRequest):
         """A fresh policy for the request's mode, built from the artifacts loaded at start."""
         try:
-            return self._tree_policy(req.mode, req.tau)
+            return policy_for(self.model, self.config, req.mode, req.tau)
         except ClpError as exc:
             raise ApiError(400, str(exc), param="tau" if "tau" in str(exc) else "mode") from exc
 
-    def _tree_policy(self, mode: str, tau: float | None = None):
-        """The policy of ``mode``, verify with the server's draft tree."""
-        trees = {"tree_nodes": self.config.tree_nodes, "tree": self.config.tree}
-        return self.model.policy(mode, tau, **(trees if mode == "verify" else {}))
+
+def policy_for(model: Model, config: ServerConfig, mode: str, tau: float | None = None):
+    """The policy of ``mode``; verify drafts the server's tree."""
+    trees = {"tree_nodes": config.tree_nodes, "tree": config.tree} if mode == "verify" else {}
+    return model.policy(mode, tau, **trees)
 
 
 def _load_artifacts(model: Model, default_mode: str) -> None:
