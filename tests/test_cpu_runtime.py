@@ -12,7 +12,7 @@ from gguf.quants import dequantize, quantize
 from test_decoding import PROMPTS, NoisyOracle
 
 from clp.cpu.runtime import CpuRuntime, decoder_config
-from clp.cpu.weights import FORMATS, Int4Linear, gguf_int4_groups
+from clp.cpu.weights import FORMATS, Int4Linear, gguf_int4_groups, set_prefill_dtype
 from clp.decoding import generate
 from clp.errors import ClpError
 
@@ -75,21 +75,27 @@ def test_a_token_gets_the_same_bits_in_a_one_and_a_several_token_forward(runtime
 
 
 @pytest.mark.parametrize("fmt", ["q4", "q8"])
-def test_a_prompt_read_a_few_rows_at_a_time_gets_the_bits_of_one_at_a_time(runtimes, fmt):
-    """Where bf16 matmuls are emulated a prompt runs on the decode kernels in chunks: each
-    row then gets the bits it gets fed alone (and the cache what decoding would write)."""
+def test_the_prompts_copy_in_fp32_holds_the_same_weights_and_reads_a_prompt_alike(runtimes, fmt):
+    """Where bf16 matmuls are emulated the prompt's dense copy is held in fp32: the same
+    numbers, so a prompt reads as on the bf16 copy up to the order of the sums."""
     runtime = runtimes[1][fmt]
-    prompt = list(range(3, 40))
-    default, runtime.prompt_chunk = runtime.prompt_chunk, 4
+    decoder = runtime.decoder
+    copies = [m for m in decoder.modules() if getattr(m, "prefill_weight", None) is not None]
+    default = copies[0].prefill_weight.dtype
+    prompt = list(range(3, 40))  # more rows than a decode step: the dense copy
+    read, weights = {}, {}
     try:
-        runtime.reset()
-        chunked = runtime.feed(prompt).clone(), runtime.logits(len(prompt))
-        runtime.reset()
-        alone = [(runtime.feed([t]).clone(), runtime.logits(1)) for t in prompt]
+        for dtype in (torch.bfloat16, torch.float32):
+            set_prefill_dtype(decoder, dtype)
+            weights[dtype] = [m.prefill_weight.clone() for m in copies]
+            runtime.reset()
+            read[dtype] = runtime.feed(prompt).float()
     finally:
-        runtime.prompt_chunk = default
-    assert torch.equal(chunked[0], torch.cat([h for h, _ in alone]))
-    assert torch.equal(chunked[1], torch.cat([lg for _, lg in alone]))
+        set_prefill_dtype(decoder, default)
+    assert all(w.dtype == torch.float32 for w in weights[torch.float32])
+    pairs = zip(weights[torch.bfloat16], weights[torch.float32], strict=True)
+    assert all(torch.equal(a.float(), b) for a, b in pairs)
+    torch.testing.assert_close(read[torch.float32], read[torch.bfloat16], rtol=0.05, atol=0.05)
     assert runtime.length == len(prompt)
 
 

@@ -95,7 +95,7 @@ class FeatureCache:
 
     def shard_documents(self, i: int) -> int:
         """Documents shard i was built from (0 if missing): a last shard holding fewer than a
-        larger run needs is rebuilt. Shards from before this was recorded count as full."""
+        larger run needs is rebuilt. A shard without a recorded document count counts as full."""
         if not self.shard_path(i).is_file():
             return 0
         with safe_open(str(self.shard_path(i)), "pt") as f:

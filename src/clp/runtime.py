@@ -86,8 +86,8 @@ def _few_rows_linear(self: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
 
 def _one_kernel_linear(self: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
     """nn.Linear with one row computed as two: oneDNN's bf16 one-row kernel sums a long
-    row in another order than its several-row kernel, so the same token rounded differently
-    in a 1-token and a 3-token forward and `verify` drifted from `ar` at near-ties. The
+    row in another order than its several-row kernel, so the same token would round differently
+    in a 1-token and a 3-token forward and `verify` would drift from `ar` at near-ties. The
     several-row kernel gives each row the same bits for 2-8 rows and costs what one row
     costs (measured on AMD Zen 4, AVX512-BF16)."""
     if x.numel() != x.shape[-1]:
@@ -106,8 +106,8 @@ def _row_by_row_sdpa(module, query, key, value, attention_mask, **kwargs):
     query row at a time, each with its own keys, no mask, and the query heads of a key/value
     group packed as rows. Why: transformers attends one new token (grouped heads, no mask) and
     several (heads expanded, mask) through different kernels that round bf16 differently,
-    so `verify` drifted from `ar` at near-ties; now a token gets the same bits in a 1-token
-    and a 3-token forward. The packed layout also avoids torch's slow CPU path for a
+    so `verify` would drift from `ar` at near-ties; row by row, a token gets the same bits in
+    a 1-token and a 3-token forward. The packed layout also avoids torch's slow CPU path for a
     one-token grouped-query SDPA (~240 against ~30 us a layer, Zen 4). A prefill, longer
     feeds, padded batches and sliding windows in reach keep transformers' path. A token tree
     (``tree_keys``, one key index per row) always runs here: a node reads exactly the keys

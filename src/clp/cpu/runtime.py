@@ -26,6 +26,7 @@ from clp.cpu.weights import (
     gguf_int4_groups,
     make_linear,
     quantize_int4,
+    set_prefill_dtype,
 )
 from clp.errors import ClpError
 from clp.runtime import tree_keys, tree_rows
@@ -210,10 +211,11 @@ class CpuRuntime:
         self.vocab_size = self.decoder.lm_head.out_features
         if (self.hidden_size, self.vocab_size) != (backbone.hidden_size, backbone.vocab_size):
             raise ClpError(f"the GGUF of '{backbone.name}' does not match its converted copy")
-        # A prompt runs on a bf16 copy of the weights (many rows at once), except where bf16
-        # matmuls are emulated (no AVX512-BF16): there it runs through the int4 / int8 decode
-        # kernels 4 rows at a time, their cheapest rows (benchmarks/prefill_cost.py)
-        self.prompt_chunk = 4 if weights != "bf16" and not cpu_has_fast_bf16() else 0
+        # A prompt runs in one forward on a dense copy of the weights: bf16, or fp32 where
+        # bf16 matmuls are emulated (no AVX512-BF16), several times faster there than bf16
+        # or the decode kernels a few rows at a time (benchmarks/prefill_cost.py)
+        if not cpu_has_fast_bf16():
+            set_prefill_dtype(self.decoder, torch.float32)
         self._length = 0
         self._fed = 0  # tokens of the latest feed
         self._hidden: torch.Tensor | None = None
@@ -241,11 +243,6 @@ class CpuRuntime:
                 f"the sequence would reach {self._length + len(tokens)} tokens; the cpu "
                 f"runtime's static cache holds {self.context} (set a larger --context)"
             )
-        if parents is None and len(tokens) > PREFILL_ROWS and self.prompt_chunk:
-            step = min(self.prompt_chunk, PREFILL_ROWS)
-            hidden = [self.feed(tokens[i : i + step]) for i in range(0, len(tokens), step)]
-            self._hidden, self._fed = torch.cat(hidden), len(tokens)
-            return self._hidden
         ids = torch.tensor(tokens, dtype=torch.long)
         tree = None
         if parents is not None:

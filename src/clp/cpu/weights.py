@@ -105,6 +105,23 @@ def quantize_int4(w: torch.Tensor, group: int = GROUP) -> Int4Groups:
     return Int4Groups(q.reshape(n, k), scale, lo)
 
 
+def prefill_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """A prompt's many rows on the dense copy ``w``, in its dtype (see ``set_prefill_dtype``);
+    the result in the activations' dtype."""
+    if w.dtype == x.dtype:
+        return F.linear(x, w, bias)
+    return F.linear(x.to(w.dtype), w, None if bias is None else bias.to(w.dtype)).to(x.dtype)
+
+
+def set_prefill_dtype(model: torch.nn.Module, dtype: torch.dtype) -> None:
+    """Hold the prompt's dense weight copies in ``dtype``: bf16 or fp32, the same values
+    either way (each is a bf16 number). Where bf16 matmuls are emulated (no AVX512-BF16),
+    fp32 ones are several times faster (benchmarks/prefill_cost.py)."""
+    for m in model.modules():
+        if getattr(m, "prefill_weight", None) is not None:
+            m.prefill_weight = m.prefill_weight.to(dtype)
+
+
 class Int4Linear(torch.nn.Module):
     """y = x W^T (+ b) on torch's weight-only int4 CPU kernel, bf16 activations. The kernel
     gives a row the same bits whatever the number of rows (what keeps ``verify`` exact)."""
@@ -130,7 +147,7 @@ class Int4Linear(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[0] > PREFILL_ROWS and self.prefill_weight is not None:
-            return F.linear(x, self.prefill_weight, self.bias)
+            return prefill_linear(x, self.prefill_weight, self.bias)
         y = torch.ops.aten._weight_int4pack_mm_for_cpu(
             x, self.packed, self.group, self.scales_zeros
         )
@@ -155,7 +172,7 @@ class Int8Linear(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[0] > PREFILL_ROWS and self.prefill_weight is not None:
-            return F.linear(x, self.prefill_weight, self.bias)
+            return prefill_linear(x, self.prefill_weight, self.bias)
         y = torch.ops.aten._weight_int8pack_mm(x, self.weight, self.scale)
         return y if self.bias is None else y + self.bias
 
