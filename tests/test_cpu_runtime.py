@@ -189,3 +189,32 @@ def test_the_compiled_decoder_keeps_verify_exact():
         r.feed(ids)
         states.append(r.feed(ref.token_ids[:3]).float())
     assert (states[0] - states[1]).abs().max() < 0.05 * states[1].abs().max()
+
+
+def test_heads_draft_in_bf16_on_the_quantized_kernels_whatever_the_backbones_dtype():
+    """An fp32 backbone (a CPU without native bf16) still gets bf16 heads on the int8 / int4
+    kernels, which are several times faster there than with fp32 activations; their logits
+    stay those of the dense fp32 heads but for rounding."""
+    import copy
+
+    from conftest import make_tiny_backbone
+
+    from clp.cpu.weights import Int8Linear
+    from clp.heads import HeadConfig, MTPHeads, frozen_weights
+
+    backbone = make_tiny_backbone(hidden_size=256, intermediate_size=512, num_attention_heads=8)
+    cfg = HeadConfig(arch="chain", k=2, hidden_size=256, vocab_size=backbone.vocab_size)
+    heads = MTPHeads(cfg, *frozen_weights(backbone, torch.float32)).eval()
+    for p in heads.steps.parameters():  # random, not zero-initialised
+        torch.nn.init.normal_(p, std=0.05)
+    dense = copy.deepcopy(heads)
+    CpuRuntime(backbone, "q4", context=64, compile=False).prepare_heads(heads)
+    assert heads.lm_head.dtype == torch.bfloat16 and isinstance(heads.draft_head, Int4Linear)
+    linears = [m for m in heads.steps.modules() if isinstance(m, (torch.nn.Linear, Int8Linear))]
+    assert linears and all(isinstance(m, Int8Linear) for m in linears)
+    torch.manual_seed(1)
+    for hidden in torch.randn(8, 256):
+        (_, want, _), (_, got, _) = dense.run(hidden, 5), heads.run(hidden, 5)
+        for a, b in zip(want, got, strict=True):
+            assert b.dtype == torch.bfloat16
+            assert torch.corrcoef(torch.stack([a.float(), b.float()]))[0, 1] > 0.98

@@ -112,10 +112,11 @@ def test_verify_stops_at_eos_wherever_it_falls(model, tiny):
         tiny.model.generation_config.eos_token_id = old
 
 
+@pytest.mark.parametrize("tau", [1.01, None])  # None: the default, chosen by task accuracy
 @pytest.mark.parametrize("mode", ["clp", "clp+"])
-def test_tau_above_one_is_plain_ar(model, mode):
+def test_tau_above_one_is_plain_ar(model, mode, tau):
     for prompt in PROMPTS[:10]:
-        r = gen(model, prompt, mode, tau=1.01)
+        r = gen(model, prompt, mode, tau=tau)
         assert r.token_ids == gen(model, prompt, "ar").token_ids
         assert r.stats.tokens_per_forward == 1.0
 

@@ -254,6 +254,13 @@ def test_generate_warns_once_that_unverified_modes_may_change_answers(tiny_dir, 
     ]
 
 
+@pytest.mark.parametrize("mode", ["clp", "clp+"])
+def test_generate_says_when_clp_accepts_no_drafts_at_its_default_tau(tiny_dir, mode):
+    args = ("generate", "-m", tiny_dir, "--dtype", "fp32", "--mode", mode, "-n", "3", "Hi")
+    assert f"note: {mode} accepts no drafts at its default tau (> 1)" in cli(*args).stderr
+    assert "note:" not in cli(*args, "--tau", "0.5").stderr
+
+
 @pytest.mark.parametrize("mode", ["ar", "verify", "lookup"])
 def test_generate_does_not_warn_for_lossless_modes(tiny_dir, mode):
     r = cli("generate", "-m", tiny_dir, "--dtype", "fp32", "--mode", mode, "-n", "3", "Hi")

@@ -112,8 +112,9 @@ UNVERIFIED = ("mtp", "gate", "clp", "clp+", "competing")
     "--tau",
     default=None,
     type=float,
-    help="clp/clp+: accept while P(L* >= l) >= tau (> 1: none). verify: send only "
-    "what the clp predictor accepts at this tau.",
+    help="clp/clp+: accept while P(L* >= l) >= tau; the default, > 1, accepts none (every "
+    "tau that accepts drafts changed answers on HumanEval; the paper uses 0.8). verify: send "
+    "only what the clp predictor accepts at this tau.",
 )
 @click.option(
     "--lookup",
@@ -170,6 +171,12 @@ def generate(
             f"warning: mode {mode} is unverified: it keeps draft tokens the backbone never "
             "checked, so its output may differ from ar's and change answers "
             "(--mode verify is lossless)",
+            err=True,
+        )
+    if mode in ("clp", "clp+") and tau is None:
+        click.echo(
+            f"note: {mode} accepts no drafts at its default tau (> 1): every tau that accepts "
+            "drafts cost task accuracy on HumanEval (docs/tasks.md); pass --tau, e.g. 0.8",
             err=True,
         )
     _quiet_transformers()
@@ -290,7 +297,12 @@ def _numbers(text: str, kind: type) -> list:
     help="Leave out the first N prompts (a run disjoint from an earlier one's).",
 )
 @click.option("--max-new-tokens", default=128, show_default=True, type=int)
-@click.option("--tau", default=None, type=float, help="tau of clp / clp+ (default 0.8).")
+@click.option(
+    "--tau",
+    default=None,
+    type=float,
+    help="tau of clp / clp+ (default > 1: no drafts accepted; the paper's is 0.8).",
+)
 @click.option(
     "--taus",
     default="",

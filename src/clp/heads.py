@@ -177,7 +177,7 @@ class MTPHeads(nn.Module):
         """Each head's output state (what the LM head reads), teacher-forced: [B, d] per head.
         Head j's state stands in for the backbone's hidden state one position before its token."""
         out = []
-        state = hidden
+        state = hidden = hidden.to(self.lm_head.dtype)  # a runtime may run the heads in bf16
         for j, step in enumerate(self.steps):
             if self.config.arch == "chain":
                 state, normed = step(state, self.embedding[tokens[:, j]].to(hidden.dtype))
@@ -192,6 +192,7 @@ class MTPHeads(nn.Module):
         for the competing ablation), with each head's logits and output state."""
         n = self.config.k if n is None else n
         ids, logits_out, states = [], [], []
+        hidden = hidden.to(self.lm_head.dtype)  # a runtime may run the heads in bf16
         state, prev = hidden, first_token
         for step in self.steps[:n]:
             if self.config.arch == "chain":
@@ -209,9 +210,7 @@ class MTPHeads(nn.Module):
     @torch.inference_mode()
     def run(self, hidden: torch.Tensor, token: int, n: int | None = None):
         """``chain`` for one position, as decoding uses it: (ids, logits [V'], states [1, d])."""
-        ids, logits, states = self.chain(
-            hidden[None].to(self.lm_head.dtype), torch.tensor([token]), n
-        )
+        ids, logits, states = self.chain(hidden[None], torch.tensor([token]), n)
         return ids[0].tolist(), [lg[0] for lg in logits], states
 
     def propose(self, hidden: torch.Tensor, token: int, n: int | None = None) -> list[int]:

@@ -18,6 +18,7 @@ from clp.backbones import BUNDLED, Backbone, cached_dir, cpu_has_fast_bf16, pack
 from clp.cpu.model import Decoder, DecoderConfig, Layer
 from clp.cpu.weights import (
     FORMATS,
+    GROUP,
     PREFILL_ROWS,
     Int4Linear,
     Int8Linear,
@@ -225,17 +226,21 @@ class CpuRuntime:
         self._hidden = None
 
     def prepare_heads(self, heads: torch.nn.Module) -> None:
-        """The heads' linear layers and draft LM head on the int8 kernel: a one-row bf16
-        product is several times slower here, and heads only draft (the backbone verifies)."""
-        dtype = heads.lm_head.dtype
+        """The heads in bf16, their linear layers on the int8 kernel and their draft LM head on
+        the int4 one, whatever the backbone's dtype: heads only draft (the backbone verifies),
+        a one-row dense product is slower, and with fp32 activations (a CPU without native
+        bf16) these kernels are several times slower than with bf16 ones."""
+        heads.to(torch.bfloat16)
+        heads.lm_head = heads.lm_head.to(torch.bfloat16)
         for module in list(heads.steps.modules()):
             for name, child in module.named_children():
                 if isinstance(child, torch.nn.Linear):
-                    setattr(module, name, Int8Linear(child.weight, child.bias, dtype, False))
-        if dtype == torch.bfloat16:  # the int4 kernel reads half the bytes of int8
+                    w, b = child.weight, child.bias
+                    setattr(module, name, Int8Linear(w, b, torch.bfloat16, prefill=False))
+        if heads.lm_head.shape[1] % GROUP == 0:
             heads.draft_head = Int4Linear(quantize_int4(heads.lm_head), prefill=False)
         else:
-            heads.draft_head = Int8Linear(heads.lm_head, None, dtype, prefill=False)
+            heads.draft_head = Int8Linear(heads.lm_head, None, torch.bfloat16, prefill=False)
 
     def feed(self, tokens: list[int], parents: list[int] | None = None) -> torch.Tensor:
         if self._length + len(tokens) > self.context:
