@@ -120,3 +120,19 @@ def test_batched_distillation_answers_as_one_sequence_would(smollm2_fp32, llama_
         if pos < min(len(alone), len(tokens)):  # they differ at pos: must be a near-tie
             top2 = torch.softmax(rt.logits(1)[0], -1).topk(2).values
             assert float(top2[0] - top2[1]) < 0.01
+
+
+def test_extra_weight_buffers_are_dropped_only_on_cpus_with_amx():
+    from types import SimpleNamespace
+
+    from clp.llama_runtime import _model_params
+
+    def fake(info: bytes):
+        return SimpleNamespace(
+            llama_model_default_params=lambda: SimpleNamespace(use_extra_bufts=True),
+            llama_print_system_info=lambda: info,
+        )
+
+    amx = b"CPU : AVX512 = 1 | AVX512_BF16 = 1 | AMX_INT8 = 1 | REPACK = 1 |"
+    assert _model_params(fake(amx)).use_extra_bufts is False
+    assert _model_params(fake(b"CPU : AVX2 = 1 | REPACK = 1 |")).use_extra_bufts is True

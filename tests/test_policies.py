@@ -238,6 +238,31 @@ def test_bench_reports_every_mode_consistently(model, tmp_path):
     assert modes["mtp"]["repetition_delta_se"] > 0 and ar["repetition_delta_se"] == 0
 
 
+def test_bench_names_the_machine_that_ran_it_and_resumes_on_no_other(model, tmp_path):
+    import json
+
+    from clp import bench
+
+    docs = [Document(f"b{i}", p) for i, p in enumerate(PROMPTS[:1])]
+    chosen = bench.variants(["clp"])
+    bench.run(model, chosen, docs, max_new_tokens=8, out=tmp_path, progress=False)
+    then = json.loads((tmp_path / "machine.json").read_text())
+    then.update(cpu="Another CPU", family_model="1/2")
+    (tmp_path / "machine.json").write_text(json.dumps(then))
+    report = bench.run(
+        model, chosen, docs, max_new_tokens=8, out=tmp_path, progress=False, report_only=True
+    )
+    assert report["machine"]["cpu"] == "Another CPU"  # the run's machine, not the report's
+    assert "CPU: Another CPU" in bench.markdown(report)
+    with pytest.raises(ClpError, match="was started on Another CPU .* use another --out"):
+        bench.run(model, chosen, docs, max_new_tokens=8, out=tmp_path, progress=False)
+    (tmp_path / "machine.json").unlink()  # a run from before machines were recorded
+    report = bench.run(
+        model, chosen, docs, max_new_tokens=8, out=tmp_path, progress=False, report_only=True
+    )
+    assert report["machine"]["cpu"] == "not recorded"
+
+
 def test_bench_resumes_and_refuses_other_settings(model, tmp_path):
     from clp import bench
 
@@ -257,6 +282,7 @@ def test_bench_resumes_and_refuses_other_settings(model, tmp_path):
         model, chosen, docs[:2], max_new_tokens=8, out=tmp_path, progress=False, report_only=True
     )
     assert again["modes"]["clp"]["new_tokens"] == result["modes"]["clp"]["new_tokens"]
+    assert again["machine"]["cpu"] == result["machine"]["cpu"] == bench._machine()["cpu"]
     with pytest.raises(ClpError, match="other settings"):
         bench.run(model, chosen, docs, max_new_tokens=8, out=tmp_path, progress=False)
     with pytest.raises(ClpError, match="unknown mode"):

@@ -303,7 +303,8 @@ def run(
     if report_only:
         if not records:
             raise ClpError(f"{out} holds no finished prompts to report")
-        return summarise(settings, records, prompts)
+        return summarise(settings, records, prompts, _recorded_machine(out))
+    machine = _same_machine(out, resumed=bool(records))
     encoded = [encode_prompt(model.tokenizer, d.prompt) for d in prompts]
     for v in chosen:  # warm-up: first calls pay for allocation and lazy loading
         run_one(model, v, encoded[0], 16, lookup_tokens)
@@ -333,7 +334,7 @@ def run(
             os.fsync(f.fileno())
             bar.update(1)
     bar.close()
-    return summarise(settings, records, prompts)
+    return summarise(settings, records, prompts, machine)
 
 
 def _heads_id(model: Model) -> str | None:
@@ -376,10 +377,56 @@ def _resume(out: Path, settings: dict, log, repair: bool = True) -> dict[tuple[i
     return records
 
 
+def _machine() -> dict:
+    """What this process runs on: the facts a run's speed depends on."""
+    return {
+        "processor": platform.processor() or platform.machine(),
+        "cpu": _cpu_name(),
+        "family_model": f"{_cpuinfo('cpu family')}/{_cpuinfo('model')}",
+        "flags": _cpu_flags(),
+        "cores": os.cpu_count(),
+        "threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+    }
+
+
+_SAME = ("cpu", "family_model", "flags", "threads", "torch")  # what a resumed run must share
+
+
+def _same_machine(out: Path, resumed: bool) -> dict:
+    """The machine of the run in ``out``, recorded when it starts; resuming it elsewhere is
+    refused, since speeds are compared only within one machine."""
+    path, here = out / "machine.json", _machine()
+    if not path.is_file():
+        if resumed:  # a run from before machines were recorded
+            here["note"] = "recorded when the run resumed: earlier prompts may have run elsewhere"
+        path.write_text(json.dumps(here, indent=1))
+        return here
+    then = json.loads(path.read_text())
+    if any(then.get(k) != here[k] for k in _SAME):
+        raise ClpError(
+            f"{out} was started on {then['cpu']} ({then['family_model']}, "
+            f"{then['threads']} threads, torch {then['torch']}) and this is {here['cpu']} "
+            f"({here['family_model']}, {here['threads']} threads, torch {here['torch']}): "
+            "a run's speeds are compared only on one machine; use another --out folder"
+        )
+    return then
+
+
+def _recorded_machine(out: Path) -> dict:
+    """The machine a run ran on, for its report; a run from before machines were recorded
+    says so instead of naming the machine the report is made on."""
+    path = out / "machine.json"
+    if path.is_file():
+        return json.loads(path.read_text())
+    return {"cpu": "not recorded", "threads": "?", "note": "the run predates machine.json"}
+
+
 _HEADER = ("model", "dtype", "runtime", "weights", "heads", "n", "max_new_tokens", "rounds")
 
 
-def summarise(settings: dict, records: dict, prompts: list[Document]) -> dict:
+def summarise(settings: dict, records: dict, prompts: list[Document], machine: dict) -> dict:
     """results.json: per variant (overall and per prompt category) every measure defined in
     docs/design.md (Metrics)."""
     names = [v["name"] for v in settings["variants"]]
@@ -428,14 +475,7 @@ def summarise(settings: dict, records: dict, prompts: list[Document]) -> dict:
         "stop": settings.get("stop"),
         "completed_prompts": len({i for (_, i) in records}),
         "machine": {
-            "processor": platform.processor() or platform.machine(),
-            "cpu": _cpu_name(),
-            "family_model": f"{_cpuinfo('cpu family')}/{_cpuinfo('model')}",
-            "flags": _cpu_flags(),
-            "cores": os.cpu_count(),
-            "threads": torch.get_num_threads(),
-            "python": platform.python_version(),
-            "torch": torch.__version__,
+            **machine,
             # the running process's peak; a --report of records without it has none
             "peak_rss_mb": max((x.get("peak_rss_mb") or 0 for x in records.values()), default=0)
             or None,

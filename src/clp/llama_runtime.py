@@ -12,6 +12,7 @@ Needs the optional dependency ``llama-cpp-python`` (``pip install 'clp-mtp[llama
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import time
 from collections.abc import Callable
@@ -49,6 +50,28 @@ def _quiet(llama_cpp) -> None:
     callback = llama_cpp.llama_log_callback(lambda level, text, data: None)
     _quiet.keep = callback  # the C side keeps only a pointer
     llama_cpp.llama_log_set(callback, ctypes.c_void_p(0))
+
+
+def _model_params(llama_cpp, default: Callable | None = None):
+    """llama.cpp's default model parameters, less its extra weight buffers (AMX, repacked
+    blocks) on CPUs with AMX, where its AMX matrix product crashes (a segfault on the first
+    forward of the packaged Q4_K_M GGUF; llama.cpp issue 20824): what ``--no-repack`` does."""
+    params = (default or llama_cpp.llama_model_default_params)()
+    if b"AMX_INT8 = 1" in llama_cpp.llama_print_system_info():
+        params.use_extra_bufts = False
+    return params
+
+
+@contextlib.contextmanager
+def _our_model_params(llama_cpp):
+    """``llama_cpp.Llama`` takes no model parameters object: lend it ours while it loads."""
+    module = llama_cpp.llama_cpp
+    default = module.llama_model_default_params
+    module.llama_model_default_params = lambda: _model_params(llama_cpp, default)
+    try:
+        yield
+    finally:
+        module.llama_model_default_params = default
 
 
 def ensure_gguf(name: str, gguf_type: str = "bf16") -> Path:
@@ -96,8 +119,7 @@ class _Context:
         self.llama = llama = _llama()
         _quiet(llama)
         llama.llama_backend_init()
-        params = llama.llama_model_default_params()
-        self._model = llama.llama_model_load_from_file(str(gguf).encode(), params)
+        self._model = llama.llama_model_load_from_file(str(gguf).encode(), _model_params(llama))
         if not self._model:
             raise ClpError(f"llama.cpp could not load {gguf}")
         self.hidden_size = llama.llama_model_n_embd(self._model)
@@ -287,14 +309,15 @@ class LlamaCppGreedy:
         llama_cpp = _llama()
         _quiet(llama_cpp)
         threads = threads or torch.get_num_threads()
-        self.llm = llama_cpp.Llama(
-            model_path=str(packaged_gguf(name)),
-            n_ctx=context,
-            n_batch=512,
-            n_threads=threads,
-            n_threads_batch=threads,
-            verbose=False,
-        )
+        with _our_model_params(llama_cpp):
+            self.llm = llama_cpp.Llama(
+                model_path=str(packaged_gguf(name)),
+                n_ctx=context,
+                n_batch=512,
+                n_threads=threads,
+                n_threads_batch=threads,
+                verbose=False,
+            )
 
     def __call__(
         self,
