@@ -303,7 +303,7 @@ def run(
     if report_only:
         if not records:
             raise ClpError(f"{out} holds no finished prompts to report")
-        return summarise(settings, records, prompts, _recorded_machine(out))
+        return summarise(settings, records, prompts, _recorded_machine(out) or _UNRECORDED)
     machine = _same_machine(out, resumed=bool(records))
     encoded = [encode_prompt(model.tokenizer, d.prompt) for d in prompts]
     for v in chosen:  # warm-up: first calls pay for allocation and lazy loading
@@ -394,33 +394,34 @@ def _machine() -> dict:
 _SAME = ("cpu", "family_model", "flags", "threads", "torch")  # what a resumed run must share
 
 
+def _describe(m: dict) -> str:
+    return f"{m['cpu']} ({m['family_model']}, {m['threads']} threads, torch {m['torch']})"
+
+
 def _same_machine(out: Path, resumed: bool) -> dict:
     """The machine of the run in ``out``, recorded when it starts; resuming it elsewhere is
     refused, since speeds are compared only within one machine."""
-    path, here = out / "machine.json", _machine()
-    if not path.is_file():
+    here, then = _machine(), _recorded_machine(out)
+    if then is None:
         if resumed:  # a run from before machines were recorded
             here["note"] = "recorded when the run resumed: earlier prompts may have run elsewhere"
-        path.write_text(json.dumps(here, indent=1))
+        (out / "machine.json").write_text(json.dumps(here, indent=1))
         return here
-    then = json.loads(path.read_text())
     if any(then.get(k) != here[k] for k in _SAME):
         raise ClpError(
-            f"{out} was started on {then['cpu']} ({then['family_model']}, "
-            f"{then['threads']} threads, torch {then['torch']}) and this is {here['cpu']} "
-            f"({here['family_model']}, {here['threads']} threads, torch {here['torch']}): "
+            f"{out} was started on {_describe(then)} and this is {_describe(here)}: "
             "a run's speeds are compared only on one machine; use another --out folder"
         )
     return then
 
 
-def _recorded_machine(out: Path) -> dict:
-    """The machine a run ran on, for its report; a run from before machines were recorded
-    says so instead of naming the machine the report is made on."""
+def _recorded_machine(out: Path) -> dict | None:
+    """The machine a run in ``out`` recorded when it started (None before machines were)."""
     path = out / "machine.json"
-    if path.is_file():
-        return json.loads(path.read_text())
-    return {"cpu": "not recorded", "threads": "?", "note": "the run predates machine.json"}
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+_UNRECORDED = {"cpu": "not recorded", "threads": "?", "note": "the run predates machine.json"}
 
 
 _HEADER = ("model", "dtype", "runtime", "weights", "heads", "n", "max_new_tokens", "rounds")

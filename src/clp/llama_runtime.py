@@ -52,11 +52,11 @@ def _quiet(llama_cpp) -> None:
     llama_cpp.llama_log_set(callback, ctypes.c_void_p(0))
 
 
-def _model_params(llama_cpp, default: Callable | None = None):
+def _model_params(llama_cpp):
     """llama.cpp's default model parameters, less its extra weight buffers (AMX, repacked
     blocks) on CPUs with AMX, where its AMX matrix product crashes (a segfault on the first
     forward of the packaged Q4_K_M GGUF; llama.cpp issue 20824): what ``--no-repack`` does."""
-    params = (default or llama_cpp.llama_model_default_params)()
+    params = llama_cpp.llama_model_default_params()
     if b"AMX_INT8 = 1" in llama_cpp.llama_print_system_info():
         params.use_extra_bufts = False
     return params
@@ -64,10 +64,12 @@ def _model_params(llama_cpp, default: Callable | None = None):
 
 @contextlib.contextmanager
 def _our_model_params(llama_cpp):
-    """``llama_cpp.Llama`` takes no model parameters object: lend it ours while it loads."""
+    """``llama_cpp.Llama`` takes no model parameters object: lend it ours while it loads
+    (``Llama`` reads the defaults from the ``llama_cpp.llama_cpp`` module; ``_model_params``
+    from the package, whose binding stays the original)."""
     module = llama_cpp.llama_cpp
     default = module.llama_model_default_params
-    module.llama_model_default_params = lambda: _model_params(llama_cpp, default)
+    module.llama_model_default_params = lambda: _model_params(llama_cpp)
     try:
         yield
     finally:
