@@ -405,8 +405,9 @@ def test_bench_sweeps_draft_trees_and_names_the_fastest(model, artifacts, tmp_pa
     for v in chosen:
         s = modes[v.name]
         assert s["agreement_with_ar"]["identical"] == 1.0, v.name
+        rounding = 0.5 / s["forward_passes"] + 0.005  # seconds to 1 ms, ms/forward to 0.01
         assert s["ms_per_forward"] == pytest.approx(
-            1000 * s["seconds"] / s["forward_passes"], rel=1e-2
+            1000 * s["seconds"] / s["forward_passes"], rel=1e-2, abs=rounding
         )
     choice = result["tree_choice"]
     fastest = max(chosen[1:], key=lambda v: modes[v.name]["tokens_per_second"])
