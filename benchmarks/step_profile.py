@@ -27,7 +27,7 @@ def main() -> None:
     args = ap.parse_args()
     model = clp.load(args.model, runtime="cpu", weights=args.weights)
     rt, heads = model.runtime, model.heads()
-    model.generate(PROMPT, mode=args.mode, max_new_tokens=32)  # warm-up and compile
+    model.generate(PROMPT, mode=args.mode, max_new_tokens=32)  # warm-up
     timed = {"backbone forward": rt.decoder.forward, "LM head": rt.decoder.logits}
     timed["heads"] = heads.run
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import string
 
 import pytest
@@ -13,9 +12,6 @@ from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 from clp.backbones import Backbone
 
 torch.set_num_threads(1)  # tiny models gain nothing from threads; the integration fixture resets
-# the cpu runtime's torch.compile costs seconds per model and row count: tests run it eager,
-# but for the tests that check the compiled decoder itself
-os.environ.setdefault("CLP_COMPILE", "0")
 
 SPECIALS = ["<pad>", "<s>", "</s>"]
 CHARS = list(string.ascii_letters + string.digits + string.punctuation + " \n")

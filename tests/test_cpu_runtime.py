@@ -173,11 +173,22 @@ def test_smollm2_gguf_on_the_cpu_runtime(smollm2_fp32, fmt):
 
 
 def test_the_compiled_decoder_keeps_verify_exact():
-    """torch.compile fuses the ops between the kernels; a token must still get the same bits
-    in a 1-token and a several-token forward, and verify still equal greedy."""
+    """torch.compile (CLP_COMPILE=1) fuses the ops between the kernels; a token must still get
+    the same bits in a 1-token and a several-token forward, and verify still equal greedy."""
+    from torch._dynamo.utils import counters
+
     backbone = wide_backbone(1)
     runtime = CpuRuntime(backbone, "q4", context=256, compile=True)
     ids = backbone.tokenizer(PROMPTS[0])["input_ids"]
+    torch._dynamo.reset()
+    counters.clear()
+    runtime.reset()
+    runtime.feed(ids)
+    for rows in (1, 2, 3, 4, 1):
+        runtime.feed(list(range(5, 5 + rows)))
+    # one graph per layer part (before and after attention) for every row count and layer:
+    # graphs specialised per row count rounded a token apart alone and among drafts
+    assert counters["stats"]["unique_graphs"] == 2
     ref = generate(runtime, backbone.tokenizer, ids, max_new_tokens=30, eos_ids=set())
     oracle = NoisyOracle(ids + ref.token_ids + [0] * 8, k=3, error_rate=0.3)
     out = generate(runtime, backbone.tokenizer, ids, oracle, max_new_tokens=30, eos_ids=set())

@@ -168,6 +168,21 @@ def test_training_continues_from_saved_heads(plain, cache, tmp_path):
         warm_heads(tmp_path / "h", HeadConfig(arch="chain", k=3), plain, draft_vocab=40)
     with pytest.raises(ClpError, match=r"--arch chain \(asked medusa\)"):
         warm_heads(tmp_path / "h", HeadConfig(arch="medusa", k=2), plain, draft_vocab=40)
+    with pytest.raises(ClpError, match=r"--mlp-ratio 2.0 \(asked 1.0\)"):
+        warm_heads(tmp_path / "h", HeadConfig(k=2, mlp_ratio=1.0), plain, draft_vocab=40)
+
+
+def test_narrow_chain_heads_round_trip(plain, cache, tmp_path):
+    """--mlp-ratio sets a chain head's MLP width; saved heads come back at that width."""
+    narrow = new_heads(HeadConfig(k=2, mlp_ratio=0.5), plain, cache, draft_vocab=40)
+    wide = new_heads(HeadConfig(k=2), plain, cache, draft_vocab=40)
+    d = plain.hidden_size
+    # each head's MLP holds 2 x ratio x d^2 weights: ratio 2 -> 0.5 saves 3 d^2 per head
+    assert wide.trainable_parameters() - narrow.trainable_parameters() == 2 * 3 * d * d
+    save_heads(narrow, tmp_path / "h")
+    loaded = load_heads(tmp_path / "h", plain, torch.float32)
+    assert loaded.config.mlp_ratio == 0.5
+    assert loaded.trainable_parameters() == narrow.trainable_parameters()
 
 
 def test_loading_heads_onto_another_backbone_fails_clearly(plain, cache, tmp_path):

@@ -27,9 +27,6 @@ RUNTIMES = ("auto", "cpu", "transformers", "llama.cpp")
 # runtime's decode kernels; wider forwards take its prefill kernels, other bits)
 MAX_TREE_NODES = 15
 WEIGHTS = FORMATS  # the cpu runtime's weight formats
-# Measured slower than llama.cpp there and not exact (lookup 28/40 identical to ar):
-# results/qwen2.5-coder-1.5b-cpu-q4-mtbench40-no-heads-zen4. `--runtime cpu` still runs it.
-NOT_ON_CPU_RUNTIME = {"qwen2.5-coder-1.5b"}
 
 
 def resolve_runtime(backbone: Backbone, runtime: str) -> str:
@@ -40,8 +37,7 @@ def resolve_runtime(backbone: Backbone, runtime: str) -> str:
     from clp.cpu.runtime import FAMILIES, cpu_runs_bf16_kernels
 
     family = getattr(backbone.config, "model_type", None)
-    fits = family in FAMILIES and backbone.name not in NOT_ON_CPU_RUNTIME
-    return "cpu" if fits and cpu_runs_bf16_kernels() else "transformers"
+    return "cpu" if family in FAMILIES and cpu_runs_bf16_kernels() else "transformers"
 
 
 def make_runtime(backbone: Backbone, runtime: str, weights: str = "q4"):

@@ -577,6 +577,14 @@ def train() -> None:
 @click.option("--k", default=2, show_default=True, type=int, help="Horizon: heads 1..k.")
 @click.option("--layers", default=1, show_default=True, type=int, help="Blocks per head.")
 @click.option(
+    "--mlp-ratio",
+    default=2.0,
+    show_default=True,
+    type=click.FloatRange(min=0.125),
+    help="Width of a chain head's MLP over the hidden size: a chain head holds (2 + 2 x this) "
+    "d^2 parameters, so wide backbones may want a smaller one to keep the saved heads small.",
+)
+@click.option(
     "--draft-vocab",
     default=16384,
     show_default=True,
@@ -632,8 +640,8 @@ def train() -> None:
 @click.option(
     "--init",
     default=None,
-    help="Start from these saved heads (same --arch/--k/--layers/--draft-vocab) instead of "
-    "random ones, e.g. to fine-tune text-trained heads on self-distilled data.",
+    help="Start from these saved heads (same --arch/--k/--layers/--mlp-ratio/--draft-vocab) "
+    "instead of random ones, e.g. to fine-tune text-trained heads on self-distilled data.",
 )
 @click.option(
     "--distill-runtime",

@@ -99,6 +99,7 @@ def train_heads_pipeline(
     out: str,
     init: str | None = None,
     features_only: bool = False,
+    mlp_ratio: float = 2.0,
     distill_runtime: str = "transformers",
     log=print,
 ) -> dict:
@@ -119,7 +120,7 @@ def train_heads_pipeline(
         return {split: str(c.root) for split, c in caches.items()}
     train_data = caches["train"].load(max_rows=train_tokens)
     heldout = caches["heldout"].load()
-    config = HeadConfig(arch=arch, k=k, layers=layers)
+    config = HeadConfig(arch=arch, k=k, layers=layers, mlp_ratio=mlp_ratio)
     if init:
         heads = warm_heads(init, config, backbone, draft_vocab)
         log(f"starting from the heads at {init}")

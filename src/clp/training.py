@@ -247,12 +247,14 @@ def warm_heads(init: str | Path, config: HeadConfig, backbone, draft_vocab: int)
         "arch": config.arch,
         "k": config.k,
         "layers": config.layers,
+        "mlp-ratio": config.mlp_ratio,
         "draft-vocab": draft_vocab,
     }
     have = {
         "arch": saved.arch,
         "k": saved.k,
         "layers": saved.layers,
+        "mlp-ratio": saved.mlp_ratio,
         "draft-vocab": saved.draft_vocab_size,
     }
     diff = [f"--{key} {have[key]} (asked {asked[key]})" for key in asked if asked[key] != have[key]]

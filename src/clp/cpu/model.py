@@ -10,7 +10,6 @@ query heads of a key/value group packed as rows (the call a 1-token forward make
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass, replace
 
 import torch
@@ -46,6 +45,22 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
     return (x32 * cos[:, None] + rotated * sin[:, None]).to(x.dtype)
 
 
+def project(layer: Layer, x, cos, sin):
+    """Norm, fused q/k/v projection and rotary embedding of the new rows."""
+    cfg, t = layer.cfg, x.shape[0]
+    q, k, v = layer.qkv(rms_norm(x, layer.attn_norm, cfg.eps)).split(layer.split, -1)
+    q = rotate(q.view(t, cfg.heads, cfg.head_dim), cos, sin)
+    k = rotate(k.view(t, cfg.kv_heads, cfg.head_dim), cos, sin)
+    return q, k, v.view(t, cfg.kv_heads, cfg.head_dim)
+
+
+def finish(layer: Layer, x, attn):
+    """Output projection, residual, and the MLP block."""
+    x = x + layer.o(attn)
+    gate, up = layer.gate_up(rms_norm(x, layer.ffn_norm, layer.cfg.eps)).chunk(2, -1)
+    return x + layer.down(F.silu(gate) * up)
+
+
 class Layer(nn.Module):
     def __init__(self, cfg: DecoderConfig, attn_norm, qkv, o, ffn_norm, gate_up, down):
         super().__init__()
@@ -56,16 +71,15 @@ class Layer(nn.Module):
         kv = cfg.kv_heads * cfg.head_dim
         self.split = [cfg.heads * cfg.head_dim, kv, kv]
 
-    def forward(self, x, cos, sin, k_cache, v_cache, start: int, keys=None) -> torch.Tensor:
-        cfg, t = self.cfg, x.shape[0]
-        q, k, v = self.qkv(rms_norm(x, self.attn_norm, cfg.eps)).split(self.split, -1)
-        q = rotate(q.view(t, cfg.heads, cfg.head_dim), cos, sin)
-        k = rotate(k.view(t, cfg.kv_heads, cfg.head_dim), cos, sin)
+    def forward(self, x, cos, sin, k_cache, v_cache, start: int, keys=None, parts=None):
+        """``parts``: the two row-wise parts, (project, finish) by default, compiled ones for
+        decode steps if so; attention between them runs eager, row by row."""
+        project_, finish_ = parts or (project, finish)
+        q, k, v = project_(self, x, cos, sin)
+        t = x.shape[0]
         k_cache[:, start : start + t] = k.transpose(0, 1)
-        v_cache[:, start : start + t] = v.view(t, cfg.kv_heads, cfg.head_dim).transpose(0, 1)
-        x = x + self.o(attend(q, k_cache, v_cache, start, keys))
-        gate, up = self.gate_up(rms_norm(x, self.ffn_norm, cfg.eps)).chunk(2, -1)
-        return x + self.down(F.silu(gate) * up)
+        v_cache[:, start : start + t] = v.transpose(0, 1)
+        return finish_(self, x, attend(q, k_cache, v_cache, start, keys))
 
 
 def attend(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, start: int, keys=None):
@@ -99,12 +113,26 @@ def attend(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, start:
     return out[0].transpose(0, 1).reshape(t, heads * dim)
 
 
-def _no_duck_shapes(tree: bool):
-    """For a tree's graph, key sets of equal size get no equality guard: else every pattern
-    of equal depths in a tree compiles a graph of its own (one per row count instead)."""
-    from torch.fx.experimental import _config
+def _rows_unbacked(part):
+    """``part`` compiled once for any number of rows (1 to PREFILL_ROWS): the first
+    dimension of its tensor arguments is marked unbacked at every call."""
 
-    return _config.patch(use_duck_shape=False) if tree else contextlib.nullcontext()
+    def rows_known(layer, *tensors):
+        # what the graph must know of the unbacked row counts: all equal, and a decode
+        # step's (the linear layers then take their decode kernels)
+        torch._check(tensors[0].shape[0] <= PREFILL_ROWS)
+        for t in tensors[1:]:
+            torch._check(t.shape[0] == tensors[0].shape[0])
+        return part(layer, *tensors)
+
+    compiled = torch.compile(rows_known, dynamic=True, fullgraph=True)
+
+    def call(layer, *tensors):
+        for t in tensors:
+            torch._dynamo.decorators.mark_unbacked(t, 0)
+        return compiled(layer, *tensors)
+
+    return call
 
 
 class Decoder(nn.Module):
@@ -118,6 +146,7 @@ class Decoder(nn.Module):
         self.layers = nn.ModuleList(layers)
         self.register_buffer("norm", norm.to(torch.bfloat16))
         self.lm_head = lm_head
+        self.decode_parts = None  # compiled parts, if compiled
         self.allocate_cache(cfg.context)
 
     def allocate_cache(self, context: int) -> None:
@@ -140,12 +169,10 @@ class Decoder(nn.Module):
         positions, keys = tree if tree is not None else (slice(start, end), None)
         cos, sin = self.cos[positions], self.sin[positions]
         x = self.embed[tokens]
-        decode = start and len(tokens) <= PREFILL_ROWS
-        with _no_duck_shapes(keys is not None):
-            for i, layer in enumerate(self.layers):
-                # a prompt runs eager (its length varies); decode steps run compiled, if so
-                step = layer if decode else layer.forward
-                x = step(x, cos, sin, self.k_cache[i], self.v_cache[i], start, keys)
+        # a prompt runs eager (its length varies); decode steps run compiled, if so
+        parts = self.decode_parts if start and len(tokens) <= PREFILL_ROWS else None
+        for i, layer in enumerate(self.layers):
+            x = layer(x, cos, sin, self.k_cache[i], self.v_cache[i], start, keys, parts)
         return rms_norm(x, self.norm, self.cfg.eps)
 
     def keep(self, start: int, rows: torch.Tensor) -> None:
@@ -155,16 +182,13 @@ class Decoder(nn.Module):
         self.v_cache[:, :, start:end] = self.v_cache[:, :, start + rows]
 
     def compile(self) -> None:
-        """torch.compile each layer for decode steps (one graph per row count, shared by
-        every layer; the cache position stays symbolic): fuses the norms, rotary and
-        activation ops between the kernels, ~15% of a step here. Past dynamo's recompile
-        limit a layer would run eager, with other bits: the limit is raised to cover every
-        row count."""
-        # row counts 1..PREFILL_ROWS, with and without a token tree: up to 2 x 16 graphs
-        limit = torch._dynamo.config.recompile_limit
-        torch._dynamo.config.recompile_limit = max(limit, 4 * PREFILL_ROWS)
-        for layer in self.layers:
-            layer.compile(dynamic=True)
+        """torch.compile the row-wise parts of a layer for decode steps: fuses the norms,
+        rotary and activation ops between the kernels. One graph per part serves every layer
+        and every row count (the row count is an unbacked size: never specialised, not even
+        at 1), so a row's bits cannot depend on how many rows a forward has: graphs
+        specialised per row count fused and vectorised differently and rounded a token
+        apart alone and among drafts (qwen2.5-coder-1.5b, from its fifth token)."""
+        self.decode_parts = (_rows_unbacked(project), _rows_unbacked(finish))
 
     @torch.inference_mode()
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:

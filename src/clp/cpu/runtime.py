@@ -204,8 +204,10 @@ class CpuRuntime:
             torch.set_num_threads(threads)
         cfg = decoder_config(backbone.config, context)
         self.decoder = _cached_decoder(backbone, cfg, weights)
-        if os.environ.get("CLP_COMPILE", "1") != "0" if compile is None else compile:
-            self.decoder.compile()  # CLP_COMPILE=0: a faster start, slower steps
+        # decode steps run eager unless asked (CLP_COMPILE=1): the graphs that keep a row's
+        # bits whatever the row count were no faster than eager (docs/design.md)
+        if os.environ.get("CLP_COMPILE", "0") == "1" if compile is None else compile:
+            self.decoder.compile()
         self.weights = weights
         self.context = cfg.context
         self.hidden_size = cfg.hidden
