@@ -2,6 +2,7 @@
 every new row included), per runtime and weight format: the premise of multi-token decoding.
 
     python benchmarks/forward_cost.py --model qwen2.5-coder-0.5b --runtimes cpu,llama.cpp
+    python benchmarks/forward_cost.py --model qwen2.5-coder-1.5b --runtimes cpu --weights q4
 """
 
 from __future__ import annotations
@@ -29,13 +30,13 @@ def cost_ms(rt, n: int, repeats: int) -> float:
     return statistics.median(times[3:]) * 1e3
 
 
-def runtimes(model: str, which: list[str]):
+def runtimes(model: str, which: list[str], formats: list[str]):
     """(label, runtime) pairs, built one at a time so only one holds memory while timed."""
     if "cpu" in which:
         from clp.cpu.runtime import CpuRuntime
 
         backbone = load_backbone(model, "bf16")
-        for fmt in ("q4", "q8", "bf16"):
+        for fmt in formats:
             yield f"cpu {fmt}", CpuRuntime(backbone, fmt)
     if "transformers" in which:
         for dtype in ("bf16", "fp32"):
@@ -56,6 +57,7 @@ def main() -> None:
     ap.add_argument("--tokens", default="1,2,3,4,5,8")
     ap.add_argument("--repeats", type=int, default=12)
     ap.add_argument("--runtimes", default="cpu,transformers,llama.cpp")
+    ap.add_argument("--weights", default="q4,q8,bf16", help="the cpu runtime's weight formats")
     args = ap.parse_args()
     sizes = [int(x) for x in args.tokens.split(",")]
     wide = [n for n in (3, 4) if n in sizes]  # the k=2 step (3 rows) and verify's widest (4)
@@ -66,7 +68,7 @@ def main() -> None:
         + " |"
     )
     print("|---" * (len(sizes) + len(wide) + 1) + "|")
-    for label, rt in runtimes(args.model, args.runtimes.split(",")):
+    for label, rt in runtimes(args.model, args.runtimes.split(","), args.weights.split(",")):
         ms = [cost_ms(rt, n, args.repeats) for n in sizes]
         ratios = "".join(f" | {ms[sizes.index(n)] / ms[0]:.2f}" for n in wide)
         print(f"| {label} | " + " | ".join(f"{m:.1f}" for m in ms) + ratios + " |", flush=True)

@@ -56,6 +56,7 @@ def test_generate_streams_text_and_a_summary(tiny_dir):
         (["-m", "TINY", "x" * 80], "the model's context holds 64"),
         (["-m", "TINY", "--mode", "warp", "hi"], "unknown mode 'warp'"),
         (["-m", "TINY", "--tree-nodes", "4", "hi"], "tree_nodes is a number of draft nodes"),
+        (["-m", "TINY", "--min-prob", "0.2", "hi"], "min_prob is a setting of mode verify"),
     ],
 )
 def test_bad_input_is_one_line_and_non_zero(tiny_dir, args, message):

@@ -155,9 +155,21 @@ def test_training_continues_from_saved_heads(plain, cache, tmp_path):
     heads = new_heads(HeadConfig(arch="chain", k=2), plain, cache, draft_vocab=40)
     first = train_heads(heads, cache, tmp_path / "a", epochs=20, batch_size=32, log=lambda m: None)
     save_heads(heads, tmp_path / "h")
-    warm = warm_heads(tmp_path / "h", HeadConfig(arch="chain", k=2), plain, draft_vocab=40)
+    saved = load_heads(tmp_path / "h", plain, torch.float32)  # bf16 on disk
+    warm = warm_heads(tmp_path / "h", HeadConfig(arch="chain", k=2), plain, cache, draft_vocab=40)
     assert warm.training and all(p.requires_grad for p in warm.parameters())
     assert torch.equal(warm.draft_ids, heads.draft_ids) and warm.config.training == {}
+    assert all(
+        torch.equal(a, b) for a, b in zip(warm.parameters(), saved.parameters(), strict=True)
+    )
+    # on other data the draft vocabulary is that data's most frequent tokens, blocks unchanged
+    other = dict(cache, greedy=(cache["greedy"] + 7) % plain.vocab_size)
+    moved = warm_heads(tmp_path / "h", HeadConfig(arch="chain", k=2), plain, other, 40)
+    assert torch.equal(moved.draft_ids, new_heads(HeadConfig(), plain, other, 40).draft_ids)
+    assert not torch.equal(moved.draft_ids, heads.draft_ids)
+    assert all(
+        torch.equal(a, b) for a, b in zip(moved.parameters(), saved.parameters(), strict=True)
+    )
     again = train_heads(warm, cache, tmp_path / "b", epochs=2, batch_size=32, log=lambda m: None)
     # picks up where the first run ended (its loss), not where random heads start
     assert again["first_loss"] < first["last_loss"] * 1.05 < first["first_loss"] * 0.8, (
@@ -165,11 +177,11 @@ def test_training_continues_from_saved_heads(plain, cache, tmp_path):
         again,
     )
     with pytest.raises(ClpError, match=r"--k 2 \(asked 3\)"):
-        warm_heads(tmp_path / "h", HeadConfig(arch="chain", k=3), plain, draft_vocab=40)
+        warm_heads(tmp_path / "h", HeadConfig(arch="chain", k=3), plain, cache, draft_vocab=40)
     with pytest.raises(ClpError, match=r"--arch chain \(asked medusa\)"):
-        warm_heads(tmp_path / "h", HeadConfig(arch="medusa", k=2), plain, draft_vocab=40)
+        warm_heads(tmp_path / "h", HeadConfig(arch="medusa", k=2), plain, cache, draft_vocab=40)
     with pytest.raises(ClpError, match=r"--mlp-ratio 2.0 \(asked 1.0\)"):
-        warm_heads(tmp_path / "h", HeadConfig(k=2, mlp_ratio=1.0), plain, draft_vocab=40)
+        warm_heads(tmp_path / "h", HeadConfig(k=2, mlp_ratio=1.0), plain, cache, draft_vocab=40)
 
 
 def test_narrow_chain_heads_round_trip(plain, cache, tmp_path):

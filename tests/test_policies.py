@@ -7,7 +7,7 @@ import shutil
 import pytest
 import torch
 
-from clp.api import Model
+from clp.api import DEFAULT_MIN_PROB, Model
 from clp.calibration import train_and_save
 from clp.data import Document
 from clp.errors import ClpError
@@ -53,16 +53,38 @@ def gen(model, prompt, mode, **kw):
     return model.generate(prompt, mode=mode, raw=True, **kw)
 
 
-def test_verify_is_token_identical_to_ar_greedy(model):
+@pytest.mark.parametrize("min_prob", [None, 0.0])  # the default cut of unlikely drafts, none
+def test_verify_is_token_identical_to_ar_greedy(model, min_prob):
     spans = 0
     for prompt in PROMPTS:
         for n in (40, 7):  # a small budget ends inside an accepted span on some prompts
             ar = gen(model, prompt, "ar", max_new_tokens=n)
-            ver = gen(model, prompt, "verify", max_new_tokens=n)
+            ver = gen(model, prompt, "verify", max_new_tokens=n, min_prob=min_prob)
             assert ver.token_ids == ar.token_ids, prompt
             assert ver.stats.forward_passes <= ar.stats.forward_passes
             spans += sum(c for extra, c in ver.stats.accepted_lengths.items() if extra > 0)
     assert spans > 20  # the heads did get drafts accepted
+
+
+def test_verify_leaves_out_the_drafts_the_heads_find_unlikely(model):
+    heads = model.heads()
+    torch.manual_seed(0)
+    lengths = set()
+    for _ in range(16):
+        hidden = torch.randn(model.backbone.hidden_size) * 4
+        full = heads.propose(hidden, 7)
+        _, logits, _ = heads.run(hidden, 7)
+        chain = torch.stack([torch.log_softmax(lg.float(), -1).max() for lg in logits])
+        chain = chain.cumsum(0).exp().tolist()  # never rises along the chain
+        for p in [0.0] + [min(c * f, 0.999) for c in chain for f in (0.99, 1.01)]:
+            got = model.policy("verify", lookup=0, min_prob=p).propose(hidden, [5, 6, 7], None)
+            assert got == full[: sum(c >= p for c in chain)]
+            lengths.add(len(got))
+    assert lengths == {0, 1, 2}
+    with pytest.raises(ClpError, match=r"minimum probability must be in \[0, 1\), got 1.0"):
+        model.policy("verify", min_prob=1.0)
+    with pytest.raises(ClpError, match="min_prob is a setting of mode verify, not of mode mtp"):
+        model.policy("mtp", min_prob=0.1)
 
 
 def test_prompt_lookup_is_lossless_and_drafts_from_the_context(model):
@@ -84,7 +106,7 @@ def test_prompt_lookup_is_lossless_and_drafts_from_the_context(model):
 def test_verify_copies_after_a_repeated_bigram_and_asks_the_heads_otherwise(model):
     policy = model.policy("verify")  # lookup 4 by default, capped by the runtime's max_drafts
     hidden = torch.randn(model.backbone.hidden_size)
-    heads = model.heads().propose(hidden, 7)
+    heads = model.heads().propose(hidden, 7, min_prob=DEFAULT_MIN_PROB)
     cap = min(4, getattr(model.runtime, "max_drafts", 4))  # the cpu runtime: 3
     assert policy.propose(hidden, [5, 6, 7, 8, 9, 1, 6, 7], None) == [8, 9, 1, 6][:cap]
     assert policy.propose(hidden, [5, 6, 7, 8, 9, 1, 2, 7], None) == heads  # unigram only
@@ -191,11 +213,12 @@ def test_bench_reports_every_mode_consistently(model, tmp_path):
 
     docs = [Document(f"b{i}", p, category="abc"[i % 3]) for i, p in enumerate(PROMPTS[:6])]
     chosen = bench.variants(
-        ["mtp", "clp", "verify"], tau=0.5, taus=[0.9], ks=[1, 2], heads_k=2, lookups=[0]
-    )
+        ["mtp", "clp", "verify"], tau=0.5, taus=[0.9], ks=[1, 2], heads_k=2, lookups=[0],
+        min_probs=[0],
+    )  # fmt: skip
     assert [v.name for v in chosen] == [
         "ar", "mtp", "clp", "verify", "clp@tau=0.9", "verify@tau=0.9", "mtp@k=1", "verify@k=1",
-        "verify@lookup=0",
+        "verify@lookup=0", "verify@min-prob=0",
     ]  # fmt: skip
     result = bench.run(model, chosen, docs, max_new_tokens=12, out=tmp_path, progress=False)
     files = bench.save(result, tmp_path)
@@ -223,7 +246,8 @@ def test_bench_reports_every_mode_consistently(model, tmp_path):
     assert modes["verify"]["agreement_with_ar"]["identical"] == 1.0
     assert modes["verify@k=1"]["agreement_with_ar"]["identical"] == 1.0
     assert modes["verify@lookup=0"]["agreement_with_ar"]["identical"] == 1.0
-    assert list(modes["verify@lookup=0"]["acceptance_by_offset"]) == ["1", "2"]  # heads only
+    assert set(modes["verify@lookup=0"]["acceptance_by_offset"]) <= {"1", "2"}  # heads only
+    assert modes["verify@min-prob=0"]["agreement_with_ar"]["identical"] == 1.0
     assert modes["mtp"]["tokens_per_forward"] == 3.0
     assert modes["mtp@k=1"]["accepted_length_histogram"].keys() <= {"0", "1"}
     assert set(saved["by_category"]) == {"a", "b", "c"}

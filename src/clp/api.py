@@ -22,6 +22,10 @@ MODES = ("ar", "mtp", "gate", "clp", "clp+", "verify", "competing", "lookup")
 # (docs/tasks.md); the paper's operating point is 0.8.
 DEFAULT_TAU = 2.0
 DEFAULT_LOOKUP = 4  # verify: drafts copied after an earlier occurrence of the last bigram
+# verify: a head's draft is sent only while the heads give the chain up to it at least this
+# probability. Replayed on the calib split of both qwen backbones with their cpu-runtime
+# forward costs, 0.05-0.15 give the most tokens per unit of cost (benchmarks/draft_cut.py).
+DEFAULT_MIN_PROB = 0.1
 RUNTIMES = ("auto", "cpu", "transformers", "llama.cpp")
 # verify's tree drafts: with the backbone's token, one forward of at most 16 rows (the cpu
 # runtime's decode kernels; wider forwards take its prefill kernels, other bits)
@@ -143,6 +147,7 @@ class Model:
         lookup: int | None = None,
         tree_nodes: int = 0,
         tree: str = "dynamic",
+        min_prob: float | None = None,
     ) -> Policy:
         """The decoding policy of ``mode``; ``k`` runs only the first k heads (mtp and verify:
         the predictors and the gate are trained for the heads' own k). ``lookup`` (verify
@@ -151,7 +156,9 @@ class Model:
         ``tree_nodes`` (verify only, 0 to MAX_TREE_NODES): draft a tree of that many nodes,
         the heads' likeliest branches and the lookup span, checked in one forward; ``tree``
         "dynamic" (grown per step from the heads' probabilities) or "static" (one shape
-        chosen from the heads' held-out rank accuracy)."""
+        chosen from the heads' held-out rank accuracy). ``min_prob`` (verify only, default
+        DEFAULT_MIN_PROB; 0: always all k): a chain of head drafts ends before the first the
+        heads give a chain probability below it."""
         if mode not in MODES:
             raise ClpError(f"unknown mode '{mode}'; available: {', '.join(MODES)}")
         check_tree_nodes(tree_nodes, mode, self.runtime_name)
@@ -161,6 +168,8 @@ class Model:
             raise ClpError(
                 f"lookup is a number >= 0 of drafts for mode verify; got {lookup} for mode {mode}"
             )
+        if min_prob is not None and mode != "verify":
+            raise ClpError(f"min_prob is a setting of mode verify, not of mode {mode}")
         if mode == "ar":
             return Policy()
         if mode == "lookup":
@@ -183,7 +192,11 @@ class Model:
             predictor = self.predictor("clp") if tau is not None else None
             if lookup is None:  # a runtime may cap drafts where wider forwards cost more
                 lookup = min(DEFAULT_LOOKUP, getattr(self.runtime, "max_drafts", DEFAULT_LOOKUP))
-            return policies.Verified(heads, predictor, tau or 0.0, lookup, tree_nodes, tree)
+            if min_prob is None:
+                min_prob = DEFAULT_MIN_PROB
+            return policies.Verified(
+                heads, predictor, tau or 0.0, lookup, tree_nodes, tree, min_prob
+            )
         cls = policies.PredictedLength if mode == "clp" else policies.PredictedLengthPlus
         return cls(heads, self.predictor(mode), DEFAULT_TAU if tau is None else tau)
 
@@ -196,6 +209,7 @@ class Model:
         lookup: int | None = None,
         tree_nodes: int = 0,
         tree: str = "dynamic",
+        min_prob: float | None = None,
         max_new_tokens: int = 128,
         temperature: float = 0.0,
         top_k: int = 0,
@@ -206,7 +220,7 @@ class Model:
         on_text: Callable[[str], None] | None = None,
     ) -> Result:
         """Decode a text prompt (chat-formatted unless ``raw``) or a list of token ids."""
-        policy = self.policy(mode, tau, k, lookup, tree_nodes, tree)
+        policy = self.policy(mode, tau, k, lookup, tree_nodes, tree, min_prob)
         ids = prompt if isinstance(prompt, list) else encode_prompt(self.tokenizer, prompt, raw)
         return generate(
             self.runtime,

@@ -54,12 +54,14 @@ class Variant:
     lookup: int | None = None  # verify's lookup drafts (None: the default)
     tree_nodes: int | None = None  # verify's draft tree (None: a chain)
     tree: str | None = None  # its shape: dynamic or static
+    min_prob: float | None = None  # verify's cut of unlikely head drafts (None: the default)
 
     def settings(self) -> dict:
-        """As run.json records it (the tree fields only when set: a run without trees
-        resumes from a folder written without them)."""
+        """As run.json records it (the later fields only when set: a run without them
+        resumes from a folder written before they existed)."""
         d = asdict(self)
-        return {k: v for k, v in d.items() if v is not None or k not in ("tree_nodes", "tree")}
+        later = ("tree_nodes", "tree", "min_prob")
+        return {k: v for k, v in d.items() if v is not None or k not in later}
 
 
 def variants(
@@ -71,12 +73,13 @@ def variants(
     lookups=(),
     trees=(),
     tree_shapes=("dynamic",),
+    min_probs=(),
 ) -> list[Variant]:
     """``ar`` first, then each mode at the main tau; then the tau sweep of ``clp`` / ``clp+``
     (and of ``verify``, where the clp predictor decides how many drafts to send), the k
-    sweep of ``mtp`` / ``verify`` (heads truncated), the sweep of ``verify``'s lookup
-    drafts and of its draft tree's node budget (0: the chain, plain ``verify``) per tree
-    shape, each under its own name."""
+    sweep of ``mtp`` / ``verify`` (heads truncated), the sweeps of ``verify``'s lookup
+    drafts, of its drafts' minimum chain probability and of its draft tree's node budget
+    (0: the chain, plain ``verify``) per tree shape, each under its own name."""
     bad = [m for m in modes if m not in MODES and m not in BASELINES]
     if bad:
         raise ClpError(
@@ -94,6 +97,7 @@ def variants(
             out += [Variant(f"{m}@k={k}", m, k=k) for m in ("mtp", "verify") if m in modes]
     if "verify" in modes:
         out += [Variant(f"verify@lookup={n}", "verify", lookup=n) for n in lookups]
+        out += [Variant(f"verify@min-prob={p:g}", "verify", min_prob=p) for p in min_probs]
         for shape in tree_shapes:
             label = "tree" if shape == "dynamic" else f"{shape}-tree"
             out += [
@@ -104,7 +108,7 @@ def variants(
     seen: set = set()
     unique = []
     for v in out:
-        key = (v.mode, v.tau, v.k, v.lookup, v.tree_nodes, v.tree)
+        key = (v.mode, v.tau, v.k, v.lookup, v.tree_nodes, v.tree, v.min_prob)
         if key not in seen:
             seen.add(key)
             unique.append(v)
@@ -196,6 +200,7 @@ def run_one(
         lookup=v.lookup,
         tree_nodes=v.tree_nodes or 0,
         tree=v.tree or "dynamic",
+        min_prob=v.min_prob,
         max_new_tokens=max_new_tokens,
         stop=list(stop),
     )
@@ -273,7 +278,9 @@ def run(
         raise ClpError("the first variant must be ar: every speedup is against it")
     for v in chosen:  # fail early on missing or mismatched artifacts, before any timing
         if v.mode not in BASELINES:
-            model.policy(v.mode, v.tau, v.k, v.lookup, v.tree_nodes or 0, v.tree or "dynamic")
+            model.policy(
+                v.mode, v.tau, v.k, v.lookup, v.tree_nodes or 0, v.tree or "dynamic", v.min_prob
+            )
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     b = model.backbone
@@ -498,7 +505,8 @@ def choose_tree(variants: list[dict], modes: dict) -> dict:
     trees = [
         v
         for v in variants
-        if v["mode"] == "verify" and all(v.get(key) is None for key in ("tau", "k", "lookup"))
+        if v["mode"] == "verify"
+        and all(v.get(key) is None for key in ("tau", "k", "lookup", "min_prob"))
     ]
     best = max(trees, key=lambda v: modes[v["name"]]["tokens_per_second"])
     chain = modes.get("verify")

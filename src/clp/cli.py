@@ -123,6 +123,13 @@ UNVERIFIED = ("mtp", "gate", "clp", "clp+", "competing")
     help="verify: when the last two tokens occurred before, draft the N tokens that followed "
     "them instead of the heads' proposals (default 4; 0: always the heads').",
 )
+@click.option(
+    "--min-prob",
+    default=None,
+    type=float,
+    help="verify: send a head's draft only while the heads give the chain of drafts up to it "
+    "at least this probability (default 0.1; 0: always all of them).",
+)
 @TREE_NODES
 @TREE
 @HEADS
@@ -145,6 +152,7 @@ def generate(
     mode,
     tau,
     lookup,
+    min_prob,
     tree_nodes,
     tree,
     heads,
@@ -190,6 +198,7 @@ def generate(
         mode=mode,
         tau=tau,
         lookup=lookup,
+        min_prob=min_prob,
         tree_nodes=tree_nodes,
         tree=tree,
         max_new_tokens=max_new_tokens,
@@ -323,6 +332,12 @@ def _numbers(text: str, kind: type) -> list:
     "heads'; default 4).",
 )
 @click.option(
+    "--min-probs",
+    default="",
+    help="Sweep of verify's minimum chain probability of a head's draft, e.g. 0,0.1 (0: all "
+    "k drafts every step; default 0.1).",
+)
+@click.option(
     "--trees",
     default="",
     help="Sweep of verify's draft tree, in nodes, e.g. 0,4,8,15 (0: the chain, plain verify): "
@@ -382,6 +397,7 @@ def bench(**o) -> None:
         _numbers(o["lookups"], int),
         _numbers(o["trees"], int),
         [x for x in o["tree_shapes"].split(",") if x],
+        _numbers(o["min_probs"], float),
     )
     docs = bench_mod.load_prompts(o["prompts"], o["n"], o["every"], o["skip"])
     result = bench_mod.run(
@@ -641,7 +657,8 @@ def train() -> None:
     "--init",
     default=None,
     help="Start from these saved heads (same --arch/--k/--layers/--mlp-ratio/--draft-vocab) "
-    "instead of random ones, e.g. to fine-tune text-trained heads on self-distilled data.",
+    "instead of random ones, e.g. to fine-tune text-trained heads on self-distilled data or "
+    "to go on with more of it; the draft vocabulary is taken anew from the training data.",
 )
 @click.option(
     "--distill-runtime",

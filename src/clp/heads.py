@@ -213,8 +213,23 @@ class MTPHeads(nn.Module):
         ids, logits, states = self.chain(hidden[None], torch.tensor([token]), n)
         return ids[0].tolist(), [lg[0] for lg in logits], states
 
-    def propose(self, hidden: torch.Tensor, token: int, n: int | None = None) -> list[int]:
-        return self.run(hidden, token, n)[0]
+    def propose(
+        self, hidden: torch.Tensor, token: int, n: int | None = None, min_prob: float = 0.0
+    ) -> list[int]:
+        """The heads' greedy chain, cut before the first draft whose chain probability (the
+        product of each head's probability of its own token so far) is below ``min_prob``:
+        a draft that will most likely be rejected costs a row of the next forward for
+        nothing."""
+        ids, logits, _ = self.run(hidden, token, n)
+        if min_prob <= 0:
+            return ids
+        log_chain, floor = 0.0, math.log(min_prob)
+        for j, lg in enumerate(logits):
+            lg = lg.float()
+            log_chain += float(lg.max() - torch.logsumexp(lg, -1))
+            if log_chain < floor:
+                return ids[:j]
+        return ids
 
     @torch.inference_mode()
     def tree(

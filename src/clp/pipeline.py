@@ -122,7 +122,7 @@ def train_heads_pipeline(
     heldout = caches["heldout"].load()
     config = HeadConfig(arch=arch, k=k, layers=layers, mlp_ratio=mlp_ratio)
     if init:
-        heads = warm_heads(init, config, backbone, draft_vocab)
+        heads = warm_heads(init, config, backbone, train_data, draft_vocab)
         log(f"starting from the heads at {init}")
     else:
         heads = new_heads(config, backbone, train_data, draft_vocab)

@@ -102,7 +102,8 @@ class Verified(Policy):
     benchmarks/draft_sim.py). With ``tree_nodes`` > 0 the drafts are a tree of that many
     nodes, the lookup span one more branch: the heads' dynamic tree (``MTPHeads.tree``), or
     with ``tree`` "static" the shape their held-out rank accuracy suggests
-    (``MTPHeads.static_shape``)."""
+    (``MTPHeads.static_shape``). A chain of the heads' drafts stops before the first whose
+    chain probability under the heads is below ``min_prob`` (``MTPHeads.propose``)."""
 
     name = "verify"
     verifies = True
@@ -115,10 +116,14 @@ class Verified(Policy):
         lookup: int = 0,
         tree_nodes: int = 0,
         tree: str = "dynamic",
+        min_prob: float = 0.0,
     ):
         if tree not in TREE_SHAPES:
             raise ClpError(f"unknown tree '{tree}'; choose from {', '.join(TREE_SHAPES)}")
+        if not 0 <= min_prob < 1:
+            raise ClpError(f"the drafts' minimum probability must be in [0, 1), got {min_prob}")
         self.heads, self.lookup, self.tree_nodes = heads, lookup, tree_nodes
+        self.min_prob = min_prob
         self.length = PredictedLength(heads, predictor, tau).length if predictor else None
         self.shapes = None
         if tree == "static" and tree_nodes:  # per budget left beside the lookup span
@@ -130,7 +135,7 @@ class Verified(Policy):
             return copied
         n = self.length(hidden, tokens, logits) if self.length else None
         if not self.tree_nodes:
-            return self.heads.propose(hidden, tokens[-1], n) if n != 0 else []
+            return self.heads.propose(hidden, tokens[-1], n, self.min_prob) if n != 0 else []
         budget = self.tree_nodes - len(copied)  # the lookup span is one more branch
         tree = None
         if n != 0 and budget > 0:

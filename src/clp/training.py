@@ -234,10 +234,14 @@ def new_heads(config: HeadConfig, backbone, data: dict[str, torch.Tensor], draft
     return MTPHeads(config, *frozen_weights(backbone, torch.float32), draft_ids=draft_ids)
 
 
-def warm_heads(init: str | Path, config: HeadConfig, backbone, draft_vocab: int) -> MTPHeads:
+def warm_heads(
+    init: str | Path, config: HeadConfig, backbone, data: dict[str, torch.Tensor], draft_vocab: int
+) -> MTPHeads:
     """Saved heads made trainable, to continue training on new data (e.g. self-distilled
-    after teacher-forced). They must be what was asked for: a silent switch of architecture
-    would train something else than the command says."""
+    after teacher-forced, or on more of it). They must be what was asked for: a silent switch
+    of architecture would train something else than the command says. The draft vocabulary
+    is taken anew from ``data`` (the trained blocks do not depend on it), so more data also
+    covers more of the tokens the heads must propose."""
     from clp.heads import load_heads
 
     heads = load_heads(init, backbone, torch.float32)
@@ -262,8 +266,9 @@ def warm_heads(init: str | Path, config: HeadConfig, backbone, draft_vocab: int)
         raise ClpError(
             f"heads at {init} have {', '.join(diff)}; pass the same options to train them further"
         )
-    heads.config = replace(saved, training={})
-    return heads.train().requires_grad_(True)
+    warm = new_heads(replace(saved, training={}), backbone, data, draft_vocab)
+    warm.steps.load_state_dict(heads.steps.state_dict())
+    return warm.train().requires_grad_(True)
 
 
 def finish(heads: MTPHeads, out: str | Path, info: dict) -> None:
