@@ -28,8 +28,7 @@ def main() -> None:
     model = clp.load(args.model, runtime="cpu", weights=args.weights)
     rt, heads = model.runtime, model.heads()
     model.generate(PROMPT, mode=args.mode, max_new_tokens=32)  # warm-up
-    timed = {"backbone forward": rt.decoder.forward, "LM head": rt.decoder.logits}
-    timed["heads"] = heads.run
+    timed = ("backbone forward", "LM head", "heads")
 
     def wrap(label, fn):
         def inner(*a, **k):
@@ -38,8 +37,9 @@ def main() -> None:
 
         return inner
 
-    rt.decoder.forward, rt.decoder.logits = (wrap(k, timed[k]) for k in list(timed)[:2])
-    heads.run = wrap("heads", timed["heads"])
+    rt.decoder.forward = wrap("backbone forward", rt.decoder.forward)
+    rt.decoder.logits = wrap("LM head", rt.decoder.logits)
+    heads.propose, heads.run = wrap("heads", heads.propose), wrap("heads", heads.run)
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         start = time.perf_counter()
         r = model.generate(PROMPT, mode=args.mode, max_new_tokens=args.max_new_tokens)

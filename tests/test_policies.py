@@ -87,6 +87,17 @@ def test_verify_leaves_out_the_drafts_the_heads_find_unlikely(model):
         model.policy("mtp", min_prob=0.1)
 
 
+def test_the_heads_after_a_cut_do_not_run(model):
+    heads, calls = model.heads(), []
+    hidden = torch.randn(model.backbone.hidden_size, generator=torch.Generator().manual_seed(0))
+    handle = heads.steps[1].register_forward_hook(lambda *_: calls.append(1))
+    try:
+        assert heads.propose(hidden, 7, min_prob=0.999) == [] and calls == []
+        assert len(heads.propose(hidden, 7)) == 2 and calls == [1]
+    finally:
+        handle.remove()
+
+
 def test_prompt_lookup_is_lossless_and_drafts_from_the_context(model):
     from clp.policies import PromptLookup
 

@@ -190,22 +190,25 @@ class MTPHeads(nn.Module):
         """Greedy proposals of the first ``n`` heads (all by default) for a batch, each chain
         head fed the previous head's token: ids [B, n] for positions n+2, n+3, ... (n+1, ...
         for the competing ablation), with each head's logits and output state."""
-        n = self.config.k if n is None else n
-        ids, logits_out, states = [], [], []
+        steps = list(self.chain_steps(hidden, first_token, n))
+        if not steps:
+            return torch.zeros((len(hidden), 0), dtype=torch.long), [], []
+        ids, logits, states = zip(*steps, strict=True)
+        return torch.stack(ids, 1), list(logits), list(states)
+
+    def chain_steps(self, hidden: torch.Tensor, first_token: torch.Tensor, n: int | None = None):
+        """``chain`` one head at a time: (ids [B], logits [B, V'], state) per head, so a caller
+        that stops early does not run the later heads."""
         hidden = hidden.to(self.lm_head.dtype)  # a runtime may run the heads in bf16
         state, prev = hidden, first_token
-        for step in self.steps[:n]:
+        for step in self.steps[: self.config.k if n is None else n]:
             if self.config.arch == "chain":
                 state, normed = step(state, self.embedding[prev].to(hidden.dtype))
             else:
                 state = normed = step(hidden)
             logits = self.draft_logits(normed)
             prev = self.draft_ids[logits.argmax(-1)]
-            ids.append(prev)
-            logits_out.append(logits)
-            states.append(state)
-        ids = torch.stack(ids, 1) if ids else torch.zeros((len(hidden), 0), dtype=torch.long)
-        return ids, logits_out, states
+            yield prev, logits, state
 
     @torch.inference_mode()
     def run(self, hidden: torch.Tensor, token: int, n: int | None = None):
@@ -213,22 +216,23 @@ class MTPHeads(nn.Module):
         ids, logits, states = self.chain(hidden[None], torch.tensor([token]), n)
         return ids[0].tolist(), [lg[0] for lg in logits], states
 
+    @torch.inference_mode()
     def propose(
         self, hidden: torch.Tensor, token: int, n: int | None = None, min_prob: float = 0.0
     ) -> list[int]:
         """The heads' greedy chain, cut before the first draft whose chain probability (the
         product of each head's probability of its own token so far) is below ``min_prob``:
         a draft that will most likely be rejected costs a row of the next forward for
-        nothing."""
-        ids, logits, _ = self.run(hidden, token, n)
-        if min_prob <= 0:
-            return ids
-        log_chain, floor = 0.0, math.log(min_prob)
-        for j, lg in enumerate(logits):
-            lg = lg.float()
-            log_chain += float(lg.max() - torch.logsumexp(lg, -1))
-            if log_chain < floor:
-                return ids[:j]
+        nothing. The heads after a cut do not run."""
+        ids, log_chain = [], 0.0
+        floor = math.log(min_prob) if min_prob > 0 else None
+        for prev, logits, _ in self.chain_steps(hidden[None], torch.tensor([token]), n):
+            if floor is not None:
+                lg = logits[0].float()
+                log_chain += float(lg.max() - torch.logsumexp(lg, -1))
+                if log_chain < floor:
+                    break
+            ids.append(int(prev[0]))
         return ids
 
     @torch.inference_mode()
