@@ -76,6 +76,17 @@ def test_demo_prints_each_runs_speed_and_agreement(tiny_dir):
     )
 
 
+@pytest.mark.integration
+def test_demo_puts_verify_beside_llama_cpp_on_a_bundled_backbone():
+    r = cli("demo", "-m", "smollm2-135m", "-n", "8")
+    assert r.exit_code == 0, r.output
+    x = r"[\d.]+x"
+    for name, same in (("ar", "3/3"), ("verify", "3/3"), ("llama.cpp", r"\d/3")):
+        speeds = rf"\n  {re.escape(name)} +[\d.]+ tok/s +{x} ar +{x} llama\.cpp"
+        assert re.search(speeds + rf" +[\d.]+ tokens/forward +identical to ar {same}\n", r.stdout)
+    assert re.search(r"llama\.cpp +[\d.]+ tok/s +[\d.]+x ar +1\.00x llama\.cpp", r.stdout)
+
+
 def test_missing_package_from_a_real_process(tmp_path):
     """A bundled backbone whose packages are absent: no traceback, the pip line, exit 2."""
     code = (

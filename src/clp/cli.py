@@ -477,16 +477,16 @@ def demo(model, dtype, runtime, weights, max_new_tokens) -> None:
                 totals[name][i] += value
             if name == shown:
                 click.echo(f"[{name}] {text.strip()}")
-    base = totals["ar"][0] / totals["ar"][1]
+    rate = {name: tokens / seconds for name, (tokens, seconds, _, _) in totals.items()}
     click.echo(
         f"\n{model} ({m.backbone.dtype}, runtime {m.runtime_name}), {len(DEMO_PROMPTS)} prompts, "
         f"{max_new_tokens} new tokens, measured in this run:"
     )
-    for name, (tokens, seconds, forwards, same) in totals.items():
-        tps = tokens / seconds
+    for name, (tokens, _, forwards, same) in totals.items():
+        vs = f"  {rate[name] / rate['llama.cpp']:.2f}x llama.cpp" if "llama.cpp" in rate else ""
         click.echo(
-            f"  {name:<9} {tps:6.1f} tok/s  {tps / base:.2f}x ar  {tokens / forwards:.2f} "
-            f"tokens/forward  identical to ar {same}/{len(DEMO_PROMPTS)}"
+            f"  {name:<9} {rate[name]:6.1f} tok/s  {rate[name] / rate['ar']:.2f}x ar{vs}  "
+            f"{tokens / forwards:.2f} tokens/forward  identical to ar {same}/{len(DEMO_PROMPTS)}"
         )
 
 
