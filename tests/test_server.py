@@ -489,7 +489,7 @@ def test_clp_serve_starts_a_real_server(tmp_path):
                 time.sleep(0.2)
         assert [m.id for m in models] == [str(tmp_path)]
         r = client.completions.create(model=str(tmp_path), prompt="abc", max_tokens=5)
-        # a random model's near-tied logits may round to an early end of text on a loaded machine
+        # a random model's text may end before max_tokens (seen once, on a loaded machine)
         n, reason = r.usage.completion_tokens, r.choices[0].finish_reason
         assert (n, reason) == (5, "length") or (n < 5 and reason == "stop")
         assert r.clp["mode"] == "ar"
