@@ -36,6 +36,14 @@ def test_generate_json_has_the_documented_keys(tiny_dir):
     for key in ("text", "new_tokens", "forward_passes", "seconds", "tokens_per_second"):
         assert key in data
     assert data["new_tokens"] == 9 == len(data["token_ids"])
+    assert data["mode"] == "ar"  # the default of a backbone without trained heads
+
+
+@pytest.mark.integration
+def test_generate_defaults_to_verify_where_the_backbone_has_heads():
+    args = ("generate", "-m", "smollm2-135m", "-n", "12", "--json", "Name three planets.")
+    default, ar = (json.loads(cli(*args, *extra).stdout) for extra in ((), ("--mode", "ar")))
+    assert default["mode"] == "verify" and default["token_ids"] == ar["token_ids"]
 
 
 def test_generate_streams_text_and_a_summary(tiny_dir):

@@ -87,6 +87,14 @@ def test_verify_leaves_out_the_drafts_the_heads_find_unlikely(model):
         model.policy("mtp", min_prob=0.1)
 
 
+def test_the_default_mode_is_verify_with_heads_and_ar_without(model, tiny):
+    assert model.default_mode == "verify" and Model(tiny).default_mode == "ar"
+    default = model.generate(PROMPTS[0], max_new_tokens=20, raw=True)
+    verify = gen(model, PROMPTS[0], "verify", max_new_tokens=20)
+    assert default.token_ids == verify.token_ids
+    assert default.stats.forward_passes == verify.stats.forward_passes
+
+
 def test_the_heads_after_a_cut_do_not_run(model):
     heads, calls = model.heads(), []
     hidden = torch.randn(model.backbone.hidden_size, generator=torch.Generator().manual_seed(0))

@@ -473,7 +473,7 @@ def test_clp_serve_starts_a_real_server(tmp_path):
     with socket.socket() as sock:  # a free port for the subprocess to take
         sock.bind((HOST, 0))
         port = sock.getsockname()[1]
-    args = ["serve", "-m", str(tmp_path), "--dtype", "fp32", "--mode", "ar",
+    args = ["serve", "-m", str(tmp_path), "--dtype", "fp32",  # no heads: mode ar by default
             "--port", str(port), "--api-key", KEY]  # fmt: skip
     code = "import sys; from clp.cli import main; sys.argv[0] = 'clp'; main()"
     proc = subprocess.Popen([sys.executable, "-c", code, *args], stderr=subprocess.PIPE, text=True)
@@ -496,7 +496,7 @@ def test_clp_serve_starts_a_real_server(tmp_path):
     finally:
         proc.send_signal(signal.SIGINT)
         _, err = proc.communicate(timeout=30)
-    assert f"on http://{HOST}:{port}/v1" in err
+    assert f"mode ar) on http://{HOST}:{port}/v1" in err
 
 
 # ---- smollm2-135m: the real chat template, and load --------------------------------------

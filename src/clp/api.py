@@ -109,6 +109,15 @@ class Model:
     def tokenizer(self):
         return self.backbone.tokenizer
 
+    @property
+    def default_mode(self) -> str:
+        """The mode of a call that names none: ``verify`` (plain greedy decoding's output,
+        faster) where trained heads are found and the runtime gives a token the same bits
+        whatever the forward's width (cpu, transformers), else ``ar``. On llama.cpp ``verify``
+        is exact only up to near-ties and gains little (docs/design.md#exactness)."""
+        exact = self.runtime_name != "llama.cpp"
+        return "verify" if self.heads_dir is not None and exact else "ar"
+
     def _dir(self, sub: str = "") -> Path:
         if self.heads_dir is None:
             raise ClpError(
@@ -203,7 +212,7 @@ class Model:
     def generate(
         self,
         prompt: str | list[int],
-        mode: str = "ar",
+        mode: str | None = None,
         tau: float | None = None,
         k: int | None = None,
         lookup: int | None = None,
@@ -219,7 +228,9 @@ class Model:
         raw: bool = False,
         on_text: Callable[[str], None] | None = None,
     ) -> Result:
-        """Decode a text prompt (chat-formatted unless ``raw``) or a list of token ids."""
+        """Decode a text prompt (chat-formatted unless ``raw``) or a list of token ids, in
+        ``mode`` (default: ``default_mode``)."""
+        mode = mode or self.default_mode
         policy = self.policy(mode, tau, k, lookup, tree_nodes, tree, min_prob)
         ids = prompt if isinstance(prompt, list) else encode_prompt(self.tokenizer, prompt, raw)
         return generate(

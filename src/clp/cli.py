@@ -102,11 +102,10 @@ UNVERIFIED = ("mtp", "gate", "clp", "clp+", "competing")
 @WEIGHTS
 @click.option(
     "--mode",
-    default="ar",
-    show_default=True,
-    help="Recommended: verify, the fastest lossless mode (output identical to ar greedy). "
-    "Lossless too: ar (plain decoding) and lookup (prompt lookup, verified). Unverified, may "
-    "change answers: mtp, gate, clp, clp+, competing.",
+    default=None,
+    help="Default: verify, the fastest lossless mode (output identical to ar greedy), where the "
+    "backbone has trained heads, else ar. Lossless too: ar (plain decoding) and lookup (prompt "
+    "lookup, verified). Unverified, may change answers: mtp, gate, clp, clp+, competing.",
 )
 @click.option(
     "--tau",
@@ -172,7 +171,7 @@ def generate(
         raise ClpError("the prompt is empty")
     if max_new_tokens <= 0:
         raise ClpError(f"max_new_tokens must be > 0, got {max_new_tokens}")
-    if mode not in MODES:
+    if mode is not None and mode not in MODES:
         raise ClpError(f"unknown mode '{mode}'; available: {', '.join(MODES)}")
     if mode in UNVERIFIED:
         click.echo(
@@ -189,6 +188,7 @@ def generate(
         )
     _quiet_transformers()
     m = load(model, dtype, heads, runtime, weights)
+    mode = mode or m.default_mode
 
     def stream(text: str) -> None:
         click.echo(text, nl=False)
@@ -498,10 +498,10 @@ def demo(model, dtype, runtime, weights, max_new_tokens) -> None:
 @HEADS
 @click.option(
     "--mode",
-    default="verify",
-    show_default=True,
-    help="Default decoding mode of requests (a request may set its own `mode` and `tau` as "
-    "extra body fields); verify is lossless.",
+    default=None,
+    help="Decoding mode of requests that set none (a request may set its own `mode` and `tau` "
+    "as extra body fields). Default: verify (lossless) where the backbone has trained heads, "
+    "else ar.",
 )
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
 @click.option("--port", default=8000, show_default=True, type=int)
@@ -560,8 +560,9 @@ def serve(
     config.validate()  # before the minutes a load may take
     _quiet_transformers()
     m = on_torch_thread(load, model, dtype, heads, runtime, weights)  # why: serve.engine
+    config.mode = mode or m.default_mode
     click.echo(
-        f"serving {model} ({m.backbone.dtype}, {m.runtime_name}, mode {mode}) on "
+        f"serving {model} ({m.backbone.dtype}, {m.runtime_name}, mode {config.mode}) on "
         f"http://{host}:{port}/v1",
         err=True,
     )

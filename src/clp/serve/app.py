@@ -14,7 +14,7 @@ import sys
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
@@ -38,7 +38,7 @@ class ServerConfig:
     """What ``clp serve`` sets: the served name, the default mode, the limits, the key."""
 
     model_name: str | None = None  # the id in /v1/models; default: the backbone's name
-    mode: str = "verify"  # lossless: the backbone's own greedy or sampled output, faster
+    mode: str | None = None  # of requests that set none; None: the model's default_mode
     api_key: str | None = None  # when set, /v1/* needs "Authorization: Bearer <key>"
     max_queue: int = 64  # requests that may wait; more get 429
     default_max_tokens: int = 512  # for requests that set no max_tokens
@@ -47,7 +47,7 @@ class ServerConfig:
     tree: str = "dynamic"  # its shape: dynamic or static
 
     def validate(self) -> None:
-        if self.mode not in MODES:
+        if self.mode is not None and self.mode not in MODES:
             raise ClpError(f"unknown mode '{self.mode}'; available: {', '.join(MODES)}")
         if self.max_queue < 1:
             raise ClpError(f"max_queue must be >= 1, got {self.max_queue}")
@@ -78,6 +78,8 @@ def create_app(model: Model, config: ServerConfig | None = None) -> FastAPI:
     """The ASGI app serving ``model``; its engine starts and stops with the app's lifespan."""
     config = config or ServerConfig()
     config.validate()
+    if config.mode is None:
+        config = replace(config, mode=model.default_mode)
     on_torch_thread(_load_artifacts, model, config.mode)
     if config.tree_nodes:  # a tree the runtime or the heads cannot draft fails at start
         on_torch_thread(policy_for, model, config, "verify")
