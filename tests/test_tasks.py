@@ -267,9 +267,9 @@ def test_generate_does_not_warn_for_lossless_modes(tiny_dir, mode):
     assert "warning:" not in r.stderr
 
 
-def test_generate_help_recommends_the_fastest_lossless_mode():
+def test_generate_help_names_verify_the_default_and_fastest_lossless_mode():
     help_text = " ".join(cli("generate", "--help").output.split())
-    assert "Recommended: verify, the fastest lossless mode" in help_text
+    assert "Default: verify, the fastest lossless mode" in help_text
 
 
 def test_a_code_reply_stops_where_its_block_closes_in_every_variant(tiny_dir, code):
