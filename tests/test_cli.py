@@ -93,6 +93,31 @@ def test_demo_puts_verify_beside_llama_cpp_on_a_bundled_backbone():
         speeds = rf"\n  {re.escape(name)} +[\d.]+ tok/s +{x} ar +{x} llama\.cpp"
         assert re.search(speeds + rf" +[\d.]+ tokens/forward +identical to ar {same}\n", r.stdout)
     assert re.search(r"llama\.cpp +[\d.]+ tok/s +[\d.]+x ar +1\.00x llama\.cpp", r.stdout)
+    assert "On this machine " in r.stdout  # and which of the two is faster, plainly
+
+
+@pytest.mark.parametrize(
+    "rate, line",
+    [
+        (
+            {"ar": 40.0, "verify": 50.0, "llama.cpp": 40.0},
+            "On this machine verify ran 1.25x llama.cpp's plain greedy decoding.",
+        ),
+        (
+            {"ar": 16.0, "verify": 19.0, "llama.cpp": 25.0},
+            "On this machine llama.cpp's plain greedy decoding ran faster than verify (1.32x): "
+            "for m here, llama.cpp alone is the faster choice.",
+        ),
+        (
+            {"ar": 30.0, "llama.cpp": 20.0},
+            "On this machine ar ran 1.50x llama.cpp's plain greedy decoding.",
+        ),
+    ],
+)
+def test_the_demo_says_plainly_whether_llama_cpp_alone_is_faster(rate, line):
+    from clp.cli import llama_cpp_verdict
+
+    assert llama_cpp_verdict(rate, "m") == line
 
 
 def test_missing_package_from_a_real_process(tmp_path):

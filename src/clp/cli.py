@@ -488,6 +488,20 @@ def demo(model, dtype, runtime, weights, max_new_tokens) -> None:
             f"  {name:<9} {rate[name]:6.1f} tok/s  {rate[name] / rate['ar']:.2f}x ar{vs}  "
             f"{tokens / forwards:.2f} tokens/forward  identical to ar {same}/{len(DEMO_PROMPTS)}"
         )
+    if "llama.cpp" in rate:
+        click.echo(llama_cpp_verdict(rate, model))
+
+
+def llama_cpp_verdict(rate: dict[str, float], model: str) -> str:
+    """One plain line: is the fastest of our modes faster than llama.cpp alone, here?"""
+    ours = max((n for n in rate if n != "llama.cpp"), key=rate.get)
+    ratio = rate[ours] / rate["llama.cpp"]
+    if ratio >= 1:
+        return f"On this machine {ours} ran {ratio:.2f}x llama.cpp's plain greedy decoding."
+    return (
+        f"On this machine llama.cpp's plain greedy decoding ran faster than {ours} "
+        f"({1 / ratio:.2f}x): for {model} here, llama.cpp alone is the faster choice."
+    )
 
 
 @main.command()
